@@ -1,0 +1,98 @@
+"""The first step of every request: its id, its body, and the few fields the gateway routes on.
+
+Decoding errors become OpenAI's own 400s, worded the way OpenAI words them, with ``param`` naming the
+field, so SDK users see what they would see from OpenAI.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from typing import Any
+
+import msgspec
+from litestar import Request
+from litestar.types import Message, Scope
+
+from gateway.errors import InvalidJSON, InvalidRequest
+from gateway.wire import ChatRequest, RoutedRequest, decode_chat, decode_routed
+
+__all__ = ["add_request_id", "parse_chat", "parse_routed", "request_id"]
+
+# A client's id is echoed in a response header and written to logs: keep it to a harmless alphabet.
+_VALID_ID = re.compile(rb"^[A-Za-z0-9._:/+=-]{1,128}$")
+_TYPE = re.compile(r"^Expected `([^`]*)`, got `([^`]*)` - at `\$\.?([^`]*)`$")
+
+
+def request_id(scope: Scope | Request) -> str:
+    """The request's id: the client's ``x-request-id`` when it sent a usable one, else a new one.
+    Computed once per request and kept in the scope, so handlers, errors and logs agree."""
+    if isinstance(scope, Request):
+        scope = scope.scope
+    state = scope.setdefault("state", {})
+    rid = state.get("request_id")
+    if rid is None:
+        for name, value in scope.get("headers", ()):
+            if name == b"x-request-id" and _VALID_ID.match(value):
+                rid = value.decode()
+                break
+        else:
+            rid = uuid.uuid4().hex
+        state["request_id"] = rid
+    return rid
+
+
+async def add_request_id(message: Message, scope: Scope) -> None:
+    """``before_send`` hook: every HTTP response carries ``x-request-id``, errors and 404s included."""
+    if message["type"] == "http.response.start":
+        headers = list(message.get("headers") or ())
+        headers.append((b"x-request-id", request_id(scope).encode()))
+        message["headers"] = headers
+
+
+def parse_chat(body: bytes) -> ChatRequest:
+    chat = _decode(decode_chat, body)
+    _check_model(chat.model)
+    if not chat.messages:
+        raise InvalidRequest(
+            "Missing required parameter: 'messages'.", param="messages", code="missing_required_parameter"
+        )
+    return chat
+
+
+def parse_routed(body: bytes) -> RoutedRequest:
+    routed = _decode(decode_routed, body)
+    _check_model(routed.model)
+    return routed
+
+
+def _decode(decode: Any, body: bytes) -> Any:
+    try:
+        return decode(body)
+    except msgspec.ValidationError as exc:
+        match = _TYPE.match(str(exc))
+        if match is None:
+            # "Expected `object`, got `array`": the body is JSON but not an object.
+            raise InvalidRequest(f"Invalid request body: {exc}. The body must be a JSON object.") from None
+        expected, got, param = match.groups()
+        raise InvalidRequest(
+            f"Invalid type for '{param}': expected {expected}, but got {got} instead.",
+            param=param,
+            code="invalid_type",
+        ) from None
+    except msgspec.DecodeError:
+        raise InvalidJSON(
+            "We could not parse the JSON body of your request. The API expects a JSON payload, "
+            "but what was sent was not valid JSON."
+        ) from None
+
+
+def _check_model(model: object) -> None:
+    if model is None:
+        raise InvalidRequest("You must provide a model parameter.", param="model", code="missing_required_parameter")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequest(
+            f"Invalid type for 'model': expected a non-empty string, but got {type(model).__name__} instead.",
+            param="model",
+            code="invalid_type",
+        )

@@ -1,0 +1,69 @@
+"""Server-sent events, split out of an upstream's byte stream without being rebuilt.
+
+The relay forwards each event as the upstream wrote it, so it needs event boundaries, not parsed
+events: a parser library hands back decoded strings that would have to be encoded again, and would
+split a multi-line event the relay must forward whole. This splitter only finds blank lines, in
+``bytes``, and leaves the event's bytes alone.
+
+Line endings: the SSE spec allows ``\\r\\n``, ``\\n`` and ``\\r``. Events are cut at ``\\n\\n``; an
+upstream that writes ``\\r`` has its line endings normalised to ``\\n`` on the way through, which
+any SSE client reads the same.
+"""
+
+from __future__ import annotations
+
+__all__ = ["DONE", "EventSplitter", "event_data", "format_event"]
+
+DONE = b"[DONE]"
+
+
+class EventSplitter:
+    __slots__ = ("_buffer",)
+
+    def __init__(self) -> None:
+        self._buffer = b""
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        """Complete events in ``chunk`` (with what was left of the previous one), each ending in
+        ``\\n\\n``; an incomplete tail is kept for the next call."""
+        buffer = self._buffer + chunk if self._buffer else chunk
+        if b"\r" in buffer:
+            buffer = _normalise(buffer)
+        end = buffer.rfind(b"\n\n")
+        if end < 0:
+            self._buffer = buffer
+            return []
+        end += 2
+        self._buffer = buffer[end:]
+        complete = buffer[:end]
+        if complete.count(b"\n\n") == 1 and not complete.startswith(b"\n"):
+            return [complete]
+        return [event + b"\n\n" for event in complete.split(b"\n\n")[:-1] if event.strip(b"\n")]
+
+    @property
+    def pending(self) -> bytes:
+        """Bytes of an event not yet complete (what an upstream leaves when it stops mid-event)."""
+        return self._buffer
+
+
+def _normalise(buffer: bytes) -> bytes:
+    # A trailing \r may be the first half of \r\n: keep it as is until the next chunk comes.
+    tail = b"\r" if buffer.endswith(b"\r") else b""
+    body = buffer[:-1] if tail else buffer
+    return body.replace(b"\r\n", b"\n").replace(b"\r", b"\n") + tail
+
+
+def event_data(event: bytes) -> bytes | None:
+    """The ``data`` of one event (its ``data:`` lines joined by newlines), or None for an event without
+    data (a comment used as keep-alive, say)."""
+    if event.startswith(b"data: ") and event.find(b"\n") == len(event) - 2:
+        return event[6:-2]
+    lines = [line for line in event.split(b"\n") if line.startswith(b"data:")]
+    if not lines:
+        return None
+    return b"\n".join(line[6:] if line.startswith(b"data: ") else line[5:] for line in lines)
+
+
+def format_event(data: bytes, *, event_id: str | None = None) -> bytes:
+    head = b"id: " + event_id.encode() + b"\n" if event_id is not None else b""
+    return head + b"data: " + data + b"\n\n"
