@@ -72,8 +72,9 @@ async def list_models(state: State) -> Response[bytes]:
 
 
 @get("/models/{model_id:path}")
-async def retrieve_model(model_id: str, state: State) -> Response[bytes]:
-    model_id = model_id.lstrip("/")
+async def retrieve_model(request: Request, state: State) -> Response[bytes]:
+    # Read from the scope rather than the signature: model ids contain slashes ("org/model").
+    model_id = str(request.path_params["model_id"]).lstrip("/")
     for name, owner in listed_models(state.backends, state.settings.aliases):
         if name == model_id:
             return Response(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -63,6 +64,9 @@ def _serve(settings: Settings, source: str) -> int:
     log.info("configuration from %s", source)
     for line in describe(settings, source).splitlines()[1:]:
         log.info("%s", line)
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal into the handler that was
+    # installed before it ran; exiting 0 there tells Kubernetes (and compose) the stop was clean.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     server = settings.server
     options = dict(
         host=server.host,

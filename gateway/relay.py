@@ -263,7 +263,7 @@ class StreamRelay:
         except msgspec.DecodeError:
             self._fail("upstream_protocol_error", "The upstream sent an event that is not JSON.")
             return False
-        if chunk.error is not None:
+        if chunk.error:
             # The upstream reported its own failure in-band; the client gets it as sent.
             reply.error = "upstream_error"
         reply.observe_chunk(chunk)

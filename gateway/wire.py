@@ -123,7 +123,7 @@ class Chunk(Wire):
     created: int | None = None
     choices: list[ChunkChoice] | None = None
     usage: Usage | None = None
-    error: msgspec.Raw | None = None
+    error: msgspec.Raw = msgspec.Raw()
 
 
 class Message(Wire):

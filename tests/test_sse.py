@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gateway.sse import EventSplitter, event_data, format_event
+
+
+def test_events_cut_at_blank_lines_and_tail_kept() -> None:
+    splitter = EventSplitter()
+    assert splitter.feed(b"data: 1\n\ndata: 2\n") == [b"data: 1\n\n"]
+    assert splitter.pending == b"data: 2\n"
+    assert splitter.feed(b"\n") == [b"data: 2\n\n"]
+    assert splitter.pending == b""
+
+
+def test_multi_line_event_kept_whole() -> None:
+    event = b"event: response.output_text.delta\nid: 3\ndata: {}\n\n"
+    assert EventSplitter().feed(event) == [event]
+
+
+def test_crlf_line_endings_normalised_across_chunks() -> None:
+    splitter = EventSplitter()
+    assert splitter.feed(b"data: a\r\n\r") == []
+    # The last \r may be half of a \r\n, so that event waits for the next byte.
+    assert splitter.feed(b"\ndata: b\r\r") == [b"data: a\n\n"]
+    assert splitter.feed(b"data: c\n\n") == [b"data: b\n\n", b"data: c\n\n"]
+
+
+def test_event_data() -> None:
+    assert event_data(b"data: {}\n\n") == b"{}"
+    assert event_data(b"data:{}\n\n") == b"{}"
+    assert event_data(b"event: x\ndata: a\ndata: b\n\n") == b"a\nb"
+    assert event_data(b": keep-alive\n\n") is None
+
+
+def test_format_event() -> None:
+    assert format_event(b"{}") == b"data: {}\n\n"
+    assert format_event(b"{}", event_id="c/1") == b"id: c/1\ndata: {}\n\n"
+
+
+events = st.lists(
+    st.binary(min_size=1, max_size=30).map(lambda b: b.replace(b"\n", b"").replace(b"\r", b"") or b"x"),
+    min_size=1,
+    max_size=20,
+)
+
+
+@given(events, st.data())
+def test_any_chunking_yields_the_same_events(payloads: list[bytes], data: st.DataObject) -> None:
+    stream = b"".join(b"data: " + p + b"\n\n" for p in payloads)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=10)))
+    chunks = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
+    splitter = EventSplitter()
+    out = [event for chunk in chunks for event in splitter.feed(chunk)]
+    assert out == [b"data: " + p + b"\n\n" for p in payloads]
+    assert b"".join(out) == stream
