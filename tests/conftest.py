@@ -404,7 +404,7 @@ def upstream(tmp_path: Path) -> Iterator[Upstream]:
 
 
 @pytest.fixture(scope="module")
-def _upstream_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstream]:
+def upstream_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstream]:
     server = Upstream(tmp_path_factory.mktemp("upstream"))
     try:
         yield server.start()
@@ -413,12 +413,12 @@ def _upstream_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upst
 
 
 @pytest.fixture
-def upstream_module(_upstream_process: Upstream) -> Upstream:
+def upstream_module(upstream_server: Upstream) -> Upstream:
     """One fake upstream per module; cleared before each test, and restarted if a test stopped it."""
-    if not _upstream_process.running:
-        _upstream_process.start()
-    _upstream_process.clear()
-    return _upstream_process
+    if not upstream_server.running:
+        upstream_server.start()
+    upstream_server.clear()
+    return upstream_server
 
 
 @pytest.fixture
