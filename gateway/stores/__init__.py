@@ -1,0 +1,1 @@
+"""History stores: one interface (``base``), kept in memory or in Redis."""

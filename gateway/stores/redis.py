@@ -1,0 +1,611 @@
+"""History in Redis, shared by every gateway process.
+
+Keys, for prefix ``p``, tenant ``t`` and user ``u`` (tenants, users and ids are percent-escaped, so a
+``:`` in one cannot make two keys collide; the braces are literal: the tenant is the key's Redis
+Cluster hash tag, so one tenant's keys share a slot and each script's keys with them)::
+
+    p:{t}:seq                   counter giving records their ``seq``
+    p:{t}:cmpl:<id>             completion record, JSON
+    p:{t}:cmpls                 sorted set: the tenant's completions
+    p:{t}:u:<u>:cmpls           sorted set: one user's completions
+    p:{t}:conv:<id>             conversation record, JSON
+    p:{t}:conv:<id>:items       list of item JSON, oldest first, capped to the newest ``max_items``
+    p:{t}:convs                 sorted set: the tenant's conversations
+    p:{t}:u:<u>:convs           sorted set: one user's conversations
+    p:{t}:default               id of the default conversation of the tenant-wide scope
+    p:{t}:u:<u>:default         id of a user's default conversation
+
+An index member is ``<seq, 16 hex digits>:<id>``, scored by the record's ``created``. Redis orders
+equal scores by member, so an index is in creation order, ties by insertion, as base.py specifies.
+A member also says which write of a record it was added for: a member whose record has expired, or
+whose record's ``seq`` differs, is skipped on read and removed then.
+
+Every write sets the TTL on each key it touches (a record, its items, its index keys), so an index
+outlives the records it lists. When the ``seq`` counter expires it starts again at 1; no record then
+is younger than the TTL, so none ties on ``created`` with the records numbered after the reset.
+
+Atomic steps are Lua scripts: ``save()`` writes the completion, its index entries and the turn's items
+in one script, which drops the items when the conversation is gone. Reads that check who owns a record
+before writing rely on owners never changing; the write itself checks the record still exists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+import msgspec
+from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
+from redis.exceptions import RedisError
+
+from gateway.stores.base import (
+    CompletionRecord,
+    ConversationRecord,
+    Exchange,
+    Item,
+    Order,
+    Scope,
+    StoreUnavailable,
+)
+
+__all__ = ["RedisStore"]
+
+_R = TypeVar("_R", CompletionRecord, ConversationRecord)
+
+_completion = msgspec.json.Decoder(CompletionRecord)
+_conversation = msgspec.json.Decoder(ConversationRecord)
+_item = msgspec.json.Decoder(dict[str, Any])
+_encode = msgspec.json.encode
+
+# A filtered listing reads the index this many entries at a time until the page is full.
+_SCAN_BATCH = 100
+# default_conversation retries when another call moved the pointer first; two rounds settle it.
+_DEFAULT_ATTEMPTS = 10
+
+# Shared by the scripts: PEXPIRE when the store has a TTL (ARGV[1], in milliseconds, 0 for none).
+_TOUCH = """
+local ttl = tonumber(ARGV[1])
+local function touch(key)
+  if ttl > 0 then redis.call('PEXPIRE', key, ttl) end
+end
+local function push(key, first)
+  -- In slices: unpack() of thousands of values overflows Lua's C stack.
+  for i = first, #ARGV, 500 do
+    redis.call('RPUSH', key, unpack(ARGV, i, math.min(i + 499, #ARGV)))
+  end
+end
+"""
+
+_SAVE = (
+    _TOUCH
+    + """
+-- KEYS: completion, completions, user completions   (when ARGV[3] is a record)
+--       conversation, items, conversations, user conversations   (when there are items)
+-- ARGV: ttl, max_items, completion JSON or '', its member, its score, item JSON...
+-- Returns {completion written, items written}.
+local k = 1
+local wrote = 0
+if ARGV[3] ~= '' then
+  if redis.call('EXISTS', KEYS[1]) == 1 then
+    -- A retried write whose first attempt landed, items and all.
+    return {0, 0}
+  end
+  redis.call('SET', KEYS[1], ARGV[3])
+  redis.call('ZADD', KEYS[2], ARGV[5], ARGV[4])
+  redis.call('ZADD', KEYS[3], ARGV[5], ARGV[4])
+  for i = 1, 3 do touch(KEYS[i]) end
+  k = 4
+  wrote = 1
+end
+if #ARGV < 6 or redis.call('EXISTS', KEYS[k]) == 0 then
+  return {wrote, 0}
+end
+push(KEYS[k + 1], 6)
+redis.call('LTRIM', KEYS[k + 1], -tonumber(ARGV[2]), -1)
+for i = k, k + 3 do touch(KEYS[i]) end
+return {wrote, 1}
+"""
+)
+
+_CREATE = (
+    _TOUCH
+    + """
+-- KEYS: conversation, items, conversations, user conversations[, default pointer]
+-- ARGV: ttl, max_items, id, record JSON, member, score, pointer value expected, item JSON...
+-- Returns {1, JSON} once created, {2, JSON} when the id exists already (a retried create, kept as it
+-- is), or {0, pointer} when the pointer no longer holds the expected value.
+if KEYS[5] then
+  local current = redis.call('GET', KEYS[5]) or ''
+  if current ~= ARGV[7] then return {0, current} end
+end
+local status, record = 1, ARGV[4]
+local existing = redis.call('GET', KEYS[1])
+if existing then
+  status, record = 2, existing
+else
+  redis.call('SET', KEYS[1], ARGV[4])
+  redis.call('ZADD', KEYS[3], ARGV[6], ARGV[5])
+  redis.call('ZADD', KEYS[4], ARGV[6], ARGV[5])
+  if #ARGV >= 8 then
+    push(KEYS[2], 8)
+    redis.call('LTRIM', KEYS[2], -tonumber(ARGV[2]), -1)
+  end
+  for i = 1, 4 do touch(KEYS[i]) end
+end
+if KEYS[5] then
+  redis.call('SET', KEYS[5], ARGV[3])
+  touch(KEYS[5])
+end
+return {status, record}
+"""
+)
+
+_REMOVE_ITEM = (
+    _TOUCH
+    + """
+-- KEYS: conversation, items, conversations, user conversations.  ARGV: ttl, item JSON.
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local removed = redis.call('LREM', KEYS[2], 1, ARGV[2])
+if removed > 0 then
+  for i = 1, 4 do touch(KEYS[i]) end
+end
+return removed
+"""
+)
+
+_PAGE = """
+-- KEYS: index.  ARGV: member to start after ('' from the start), its score, count, '1' for descending.
+-- The member may have left the index since the caller read it (deleted, or removed as stale while a
+-- listing walks its batches): added back for the length of the script, its rank says where it was.
+local key, member = KEYS[1], ARGV[1]
+local rank_of = ARGV[4] == '1' and 'ZREVRANK' or 'ZRANK'
+local start = 0
+if member ~= '' then
+  local rank = redis.call(rank_of, key, member)
+  if rank then
+    start = rank + 1
+  else
+    redis.call('ZADD', key, ARGV[2], member)
+    start = redis.call(rank_of, key, member)
+    redis.call('ZREM', key, member)
+  end
+end
+local stop = start + tonumber(ARGV[3]) - 1
+if ARGV[4] == '1' then
+  return redis.call('ZREVRANGE', key, start, stop, 'WITHSCORES')
+end
+return redis.call('ZRANGE', key, start, stop, 'WITHSCORES')
+"""
+
+
+@contextlib.contextmanager
+def _unavailable() -> Iterator[None]:
+    """redis-py's exceptions end here, so callers only ever see StoreUnavailable (httpx's
+    ``map_httpcore_exceptions`` pattern). OSError covers the builtin ConnectionError and TimeoutError
+    that asyncio's streams raise underneath redis-py."""
+    try:
+        yield
+    except (RedisError, OSError) as exc:
+        raise StoreUnavailable(f"redis: {str(exc) or type(exc).__name__}") from exc
+
+
+def _escape(value: str) -> str:
+    return quote(value, safe="")
+
+
+def _text(value: bytes | str) -> str:
+    # The client we are handed may or may not decode responses.
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _member(seq: int, record_id: str) -> str:
+    return f"{seq:016x}:{record_id}"
+
+
+class _Keys:
+    """One tenant's key names (the scheme in the module docstring)."""
+
+    def __init__(self, prefix: str, tenant: str) -> None:
+        self._base = f"{prefix}:{{{_escape(tenant)}}}"
+
+    def _owner(self, user: str | None) -> str:
+        return self._base if user is None else f"{self._base}:u:{_escape(user)}"
+
+    @property
+    def seq(self) -> str:
+        return f"{self._base}:seq"
+
+    def completion(self, completion_id: str) -> str:
+        return f"{self._base}:cmpl:{_escape(completion_id)}"
+
+    def completions(self, user: str | None = None) -> str:
+        return f"{self._owner(user)}:cmpls"
+
+    def conversation(self, conversation_id: str) -> str:
+        return f"{self._base}:conv:{_escape(conversation_id)}"
+
+    def items(self, conversation_id: str) -> str:
+        return f"{self.conversation(conversation_id)}:items"
+
+    def conversations(self, user: str | None = None) -> str:
+        return f"{self._owner(user)}:convs"
+
+    def default(self, user: str | None) -> str:
+        return f"{self._owner(user)}:default"
+
+    def conversation_keys(self, record: ConversationRecord) -> list[str]:
+        """What a write to a conversation touches, in the order the scripts take them."""
+        return [
+            self.conversation(record.id),
+            self.items(record.id),
+            self.conversations(),
+            self.conversations(record.user),
+        ]
+
+
+def _matches(record: CompletionRecord, model: str | None, metadata: dict[str, str] | None) -> bool:
+    if model is not None and record.model != model:
+        return False
+    return not metadata or all(record.metadata.get(key) == value for key, value in metadata.items())
+
+
+def _page_items(items: list[Item], after: str | None, limit: int, order: Order) -> tuple[list[Item], bool]:
+    """Items are paged here rather than in Redis: a list holds at most ``max_items``, and an item's id
+    is inside its JSON."""
+    _check_limit(limit)
+    ordered = items if order == "asc" else items[::-1]
+    start = 0
+    if after is not None:
+        position = next((i for i, item in enumerate(ordered) if item.get("id") == after), None)
+        if position is None:
+            return [], False
+        start = position + 1
+    page = ordered[start : start + limit + 1]
+    return page[:limit], len(page) > limit
+
+
+class RedisStore:
+    def __init__(
+        self, redis: Redis, *, ttl_seconds: float | None = None, max_items: int = 1000, prefix: str = "gw"
+    ) -> None:
+        self._redis = redis
+        self._ttl_ms = max(1, round(ttl_seconds * 1000)) if ttl_seconds is not None else 0
+        self._max_items = max_items
+        self._prefix = prefix
+        self._save = redis.register_script(_SAVE)
+        self._create = redis.register_script(_CREATE)
+        self._remove_item = redis.register_script(_REMOVE_ITEM)
+        self._page = redis.register_script(_PAGE)
+
+    def _keys(self, tenant: str) -> _Keys:
+        return _Keys(self._prefix, tenant)
+
+    async def ping(self) -> None:
+        with _unavailable():
+            await self._redis.ping()
+
+    async def save(self, exchange: Exchange) -> None:
+        completion = exchange.completion
+        tenant = exchange.tenant or (completion.tenant if completion is not None else "")
+        with _unavailable():
+            # One round trip for what the script needs to know first: a seq, and who owns the
+            # conversation (its user index is among the keys the script refreshes).
+            async with self._redis.pipeline(transaction=False) as pipe:
+                if completion is not None:
+                    self._next_seq(pipe, self._keys(completion.tenant))
+                if exchange.conversation is not None and exchange.items:
+                    pipe.get(self._keys(tenant).conversation(exchange.conversation))
+                replies = await pipe.execute()
+            keys: list[str] = []
+            args: list[Any] = [self._ttl_ms, self._max_items, "", "", ""]
+            if completion is not None:
+                ck = self._keys(completion.tenant)
+                record = msgspec.structs.replace(completion, seq=replies[0])
+                keys += [ck.completion(record.id), ck.completions(), ck.completions(record.user)]
+                args[2:5] = [_encode(record), _member(record.seq, record.id), record.created]
+            if exchange.conversation is not None and exchange.items and replies[-1] is not None:
+                conversation = _conversation.decode(replies[-1])
+                keys += self._keys(tenant).conversation_keys(conversation)
+                args += [_encode(item) for item in exchange.items]
+            if keys:
+                await self._save(keys=keys, args=args)
+
+    # Stored completions ---------------------------------------------------------------------------
+
+    async def get_completion(self, scope: Scope, completion_id: str) -> CompletionRecord | None:
+        with _unavailable():
+            raw = await self._redis.get(self._keys(scope.tenant).completion(completion_id))
+        return _visible(scope, _completion.decode(raw)) if raw is not None else None
+
+    async def list_completions(
+        self,
+        scope: Scope,
+        *,
+        model: str | None = None,
+        metadata: dict[str, str] | None = None,
+        after: str | None = None,
+        limit: int = 20,
+        order: Order = "asc",
+    ) -> tuple[list[CompletionRecord], bool]:
+        keys = self._keys(scope.tenant)
+        start = None
+        if after is not None:
+            start = await self.get_completion(scope, after)
+            if start is None:
+                return [], False
+        filtered = model is not None or bool(metadata)
+        with _unavailable():
+            return await self._scan(
+                scope,
+                keys.completions(scope.user),
+                keys.completion,
+                _completion.decode,
+                start,
+                limit=limit,
+                order=order,
+                match=(lambda r: _matches(r, model, metadata)) if filtered else None,
+            )
+
+    async def update_completion(
+        self, scope: Scope, completion_id: str, metadata: dict[str, str]
+    ) -> CompletionRecord | None:
+        record = await self.get_completion(scope, completion_id)
+        if record is None:
+            return None
+        record = msgspec.structs.replace(record, metadata=dict(metadata))
+        keys = self._keys(scope.tenant)
+        with _unavailable():
+            async with self._redis.pipeline(transaction=True) as pipe:
+                # XX: a record deleted since we read it stays deleted.
+                self._set_existing(pipe, keys.completion(record.id), _encode(record))
+                self._expire(pipe, keys.completions(), keys.completions(record.user))
+                written, *_ = await pipe.execute()
+        return record if written else None
+
+    async def delete_completion(self, scope: Scope, completion_id: str) -> bool:
+        record = await self.get_completion(scope, completion_id)
+        if record is None:
+            return False
+        keys = self._keys(scope.tenant)
+        member = _member(record.seq, record.id)
+        with _unavailable():
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.delete(keys.completion(record.id))
+                pipe.zrem(keys.completions(), member)
+                pipe.zrem(keys.completions(record.user), member)
+                deleted, *_ = await pipe.execute()
+        return bool(deleted)
+
+    # Conversations --------------------------------------------------------------------------------
+
+    async def create_conversation(self, record: ConversationRecord, items: list[Item]) -> ConversationRecord:
+        with _unavailable():
+            created = await self._create_conversation(record, items)
+        assert created is not None  # only a pointer can refuse
+        return created
+
+    async def get_conversation(self, scope: Scope, conversation_id: str) -> ConversationRecord | None:
+        with _unavailable():
+            raw = await self._redis.get(self._keys(scope.tenant).conversation(conversation_id))
+        return _visible(scope, _conversation.decode(raw)) if raw is not None else None
+
+    async def update_conversation(
+        self, scope: Scope, conversation_id: str, metadata: dict[str, str]
+    ) -> ConversationRecord | None:
+        record = await self.get_conversation(scope, conversation_id)
+        if record is None:
+            return None
+        record = msgspec.structs.replace(record, metadata=dict(metadata))
+        keys = self._keys(scope.tenant)
+        conversation, *others = keys.conversation_keys(record)
+        with _unavailable():
+            async with self._redis.pipeline(transaction=True) as pipe:
+                self._set_existing(pipe, conversation, _encode(record))
+                self._expire(pipe, *others)
+                written, *_ = await pipe.execute()
+        return record if written else None
+
+    async def delete_conversation(self, scope: Scope, conversation_id: str) -> bool:
+        record = await self.get_conversation(scope, conversation_id)
+        if record is None:
+            return False
+        keys = self._keys(scope.tenant)
+        member = _member(record.seq, record.id)
+        with _unavailable():
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.delete(keys.conversation(record.id))
+                pipe.delete(keys.items(record.id))
+                pipe.zrem(keys.conversations(), member)
+                pipe.zrem(keys.conversations(record.user), member)
+                deleted, *_ = await pipe.execute()
+        return bool(deleted)
+
+    async def list_conversations(
+        self, scope: Scope, *, after: str | None = None, limit: int = 20, order: Order = "desc"
+    ) -> tuple[list[ConversationRecord], bool]:
+        keys = self._keys(scope.tenant)
+        start = None
+        if after is not None:
+            start = await self.get_conversation(scope, after)
+            if start is None:
+                return [], False
+        with _unavailable():
+            return await self._scan(
+                scope,
+                keys.conversations(scope.user),
+                keys.conversation,
+                _conversation.decode,
+                start,
+                limit=limit,
+                order=order,
+                match=None,
+            )
+
+    async def add_items(self, scope: Scope, conversation_id: str, items: list[Item]) -> list[Item] | None:
+        record = await self.get_conversation(scope, conversation_id)
+        if record is None:
+            return None
+        encoded = [_encode(item) for item in items]
+        if encoded:
+            keys = self._keys(scope.tenant).conversation_keys(record)
+            with _unavailable():
+                _, appended = await self._save(keys=keys, args=[self._ttl_ms, self._max_items, "", "", "", *encoded])
+            if not appended:
+                return None  # deleted since we read it
+        return [_item.decode(raw) for raw in encoded]
+
+    async def list_items(
+        self, scope: Scope, conversation_id: str, *, after: str | None = None, limit: int = 20, order: Order = "desc"
+    ) -> tuple[list[Item], bool] | None:
+        loaded = await self._load_items(scope, conversation_id)
+        if loaded is None:
+            return None
+        return _page_items([_item.decode(raw) for raw in loaded[1]], after, limit, order)
+
+    async def get_item(self, scope: Scope, conversation_id: str, item_id: str) -> Item | None:
+        loaded = await self._load_items(scope, conversation_id)
+        if loaded is None:
+            return None
+        return next((item for item in map(_item.decode, loaded[1]) if item.get("id") == item_id), None)
+
+    async def delete_item(self, scope: Scope, conversation_id: str, item_id: str) -> ConversationRecord | None:
+        loaded = await self._load_items(scope, conversation_id)
+        if loaded is None:
+            return None
+        record, raws = loaded
+        raw = next((raw for raw in raws if _item.decode(raw).get("id") == item_id), None)
+        if raw is None:
+            return None
+        keys = self._keys(scope.tenant).conversation_keys(record)
+        with _unavailable():
+            # LREM of the exact stored element: item ids are unique in a conversation, so this is the one.
+            removed = await self._remove_item(keys=keys, args=[self._ttl_ms, raw])
+        return record if removed else None
+
+    async def items(self, scope: Scope, conversation_id: str) -> list[Item] | None:
+        loaded = await self._load_items(scope, conversation_id)
+        return [_item.decode(raw) for raw in loaded[1]] if loaded is not None else None
+
+    async def default_conversation(self, scope: Scope, new: ConversationRecord) -> ConversationRecord:
+        if not scope.sees(new.tenant, new.user):
+            raise ValueError(f"conversation of {new.tenant}/{new.user} cannot be the default of {scope}")
+        keys = self._keys(scope.tenant)
+        pointer = keys.default(scope.user)
+        with _unavailable():
+            for _ in range(_DEFAULT_ATTEMPTS):
+                current = await self._redis.get(pointer)
+                if current is not None:
+                    async with self._redis.pipeline(transaction=True) as pipe:
+                        pipe.get(keys.conversation(_text(current)))
+                        self._expire(pipe, pointer)
+                        raw, *_ = await pipe.execute()
+                    record = _visible(scope, _conversation.decode(raw)) if raw is not None else None
+                    if record is not None:
+                        return record
+                # None yet, or it points at a conversation that is gone: replace it, unless another
+                # call did first (compare-and-set in the script), then read again.
+                expected = _text(current) if current is not None else ""
+                created = await self._create_conversation(new, [], pointer=pointer, expected=expected)
+                if created is not None:
+                    return created
+        raise StoreUnavailable(f"the default conversation of {scope} kept changing")
+
+    # Internals ------------------------------------------------------------------------------------
+
+    def _next_seq(self, pipe: Pipeline, keys: _Keys) -> None:
+        pipe.incr(keys.seq)
+        self._expire(pipe, keys.seq)
+
+    def _expire(self, pipe: Pipeline, *keys: str) -> None:
+        if self._ttl_ms:
+            for key in keys:
+                pipe.pexpire(key, self._ttl_ms)
+
+    def _set_existing(self, pipe: Pipeline, key: str, value: bytes) -> None:
+        if self._ttl_ms:
+            pipe.set(key, value, xx=True, px=self._ttl_ms)
+        else:
+            pipe.set(key, value, xx=True, keepttl=True)
+
+    async def _create_conversation(
+        self, record: ConversationRecord, items: list[Item], *, pointer: str | None = None, expected: str = ""
+    ) -> ConversationRecord | None:
+        """Run the create script; None when ``pointer`` did not hold ``expected``."""
+        keys = self._keys(record.tenant)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            self._next_seq(pipe, keys)
+            seq, *_ = await pipe.execute()
+        record = msgspec.structs.replace(record, seq=seq)
+        script_keys = keys.conversation_keys(record) + ([pointer] if pointer is not None else [])
+        args = [self._ttl_ms, self._max_items, record.id, _encode(record), _member(seq, record.id), record.created_at]
+        args += [expected, *(_encode(item) for item in items)]
+        status, raw = await self._create(keys=script_keys, args=args)
+        return _conversation.decode(raw) if status else None
+
+    async def _load_items(self, scope: Scope, conversation_id: str) -> tuple[ConversationRecord, list[bytes]] | None:
+        keys = self._keys(scope.tenant)
+        with _unavailable():
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.get(keys.conversation(conversation_id))
+                pipe.lrange(keys.items(conversation_id), 0, -1)
+                raw, items = await pipe.execute()
+        record = _visible(scope, _conversation.decode(raw)) if raw is not None else None
+        return (record, items) if record is not None else None
+
+    async def _scan(
+        self,
+        scope: Scope,
+        index: str,
+        key_of: Callable[[str], str],
+        decode: Callable[[bytes], _R],
+        start: _R | None,
+        *,
+        limit: int,
+        order: Order,
+        match: Callable[[_R], bool] | None,
+    ) -> tuple[list[_R], bool]:
+        """Walk ``index`` from just after ``start`` until ``limit + 1`` records match (the extra one
+        answers has_more), reading records a batch at a time: one script call for the index, one MGET."""
+        _check_limit(limit)
+        cursor: tuple[str, Any] = ("", 0)
+        if start is not None:
+            cursor = (_member(start.seq, start.id), _score(start))
+        batch = limit + 1 if match is None else max(limit + 1, _SCAN_BATCH)
+        found: list[_R] = []
+        stale: list[str] = []
+        while len(found) <= limit:
+            flat = await self._page(keys=[index], args=[*cursor, batch, "1" if order == "desc" else "0"])
+            entries = [(_text(member), score) for member, score in zip(flat[::2], flat[1::2], strict=True)]
+            if not entries:
+                break
+            raws = await self._redis.mget([key_of(member[17:]) for member, _ in entries])
+            for (member, _), raw in zip(entries, raws, strict=True):
+                record = decode(raw) if raw is not None else None
+                if record is None or _member(record.seq, record.id) != member:
+                    stale.append(member)
+                elif scope.sees(record.tenant, record.user) and (match is None or match(record)):
+                    found.append(record)
+                    if len(found) > limit:
+                        break
+            cursor = entries[-1]
+            if len(entries) < batch:
+                break
+        if stale:
+            await self._redis.zrem(index, *stale)
+        return found[:limit], len(found) > limit
+
+
+def _check_limit(limit: int) -> None:
+    if limit < 1:
+        raise ValueError(f"limit must be at least 1, not {limit}")
+
+
+def _score(record: CompletionRecord | ConversationRecord) -> int:
+    return record.created if isinstance(record, CompletionRecord) else record.created_at
+
+
+def _visible(scope: Scope, record: _R) -> _R | None:
+    return record if scope.sees(record.tenant, record.user) else None
