@@ -3,33 +3,44 @@ parse -> route -> forward (upstream and relay)."""
 
 from __future__ import annotations
 
-from litestar import Request, Response, Router, get, post
+from typing import Any
+
+from litestar import Request, Response, get, post
 from litestar.datastructures import State
 from litestar.response import Stream
 
 from gateway.errors import ModelNotFound
+from gateway.history import new_conversation, scope_of
 from gateway.relay import forward
 from gateway.reply import Reply
-from gateway.request import parse_chat, parse_routed, request_id
+from gateway.request import decode_body, parse_chat, parse_routed, request_id
 from gateway.routing import Route, listed_models, resolve
-from gateway.wire import ModelCard, ModelList, encode, rewrite_fields
+from gateway.stores.base import Scope
+from gateway.wire import LegacyChat, ModelCard, ModelList, encode, rewrite_fields
 
-__all__ = ["router"]
+__all__ = ["handlers", "legacy_chat"]
 
 
 @post("/chat/completions", status_code=200)
 async def chat_completions(request: Request, state: State) -> Response[bytes] | Stream:
-    body = await request.body()
+    return await _chat(request, state, await request.body())
+
+
+async def _chat(request: Request, state: State, body: bytes) -> Response[bytes] | Stream:
     chat = parse_chat(body)
     route = resolve(chat.model, state.backends, state.settings.aliases)
+    rid = request_id(request)
+    scope = scope_of(request, chat.user or chat.safety_identifier)
+    turn = await state.history.begin(scope, chat, model=route.model, request_id=rid)
     return await forward(
         route,
         "/chat/completions",
-        _for_backend(body, route),
-        request_id=request_id(request),
+        _for_backend(body, route, turn.body_changes()),
+        request_id=rid,
         stream=bool(chat.stream),
         timeouts=state.settings.timeouts,
         reply=Reply(),
+        on_end=turn.finish if turn.active else None,
     )
 
 
@@ -83,12 +94,34 @@ async def retrieve_model(request: Request, state: State) -> Response[bytes]:
     raise ModelNotFound(model_id)
 
 
-def _for_backend(body: bytes, route: Route) -> bytes:
-    """The body the backend gets: the client's bytes, with an alias replaced by the served name."""
-    return rewrite_fields(body, {"model": route.served}) if route.aliased else body
+@post("/chat", status_code=200)
+async def legacy_chat(request: Request, state: State) -> Response[bytes] | Stream:
+    """The route of the service this gateway replaces: one message from one user, answered as a stream
+    of OpenAI chunks, in that user's default conversation (so its history is kept as any other)."""
+    legacy = decode_body(LegacyChat, await request.body())
+    model = legacy.model or next(iter(listed_models(state.backends, state.settings.aliases)), ("", ""))[0]
+    scope = Scope(scope_of(request).tenant, legacy.user_id)
+    conversation = await state.history.store.default_conversation(scope, new_conversation(scope))
+    body = encode(
+        {
+            "model": model,
+            "messages": [{"role": "user", "content": legacy.message}],
+            "stream": True,
+            "user": legacy.user_id,
+            "conversation": conversation.id,
+        }
+    )
+    return await _chat(request, state, body)
 
 
-router = Router(
-    path="/v1",
-    route_handlers=[chat_completions, completions, embeddings, responses, list_models, retrieve_model],
-)
+def _for_backend(body: bytes, route: Route, changes: dict[str, Any] | None = None) -> bytes:
+    """The body the backend gets: the client's bytes, with an alias replaced by the served name and
+    whatever else a step changed. Untouched fields keep their exact bytes."""
+    changes = dict(changes or {})
+    if route.aliased:
+        changes["model"] = route.served
+    return rewrite_fields(body, changes) if changes else body
+
+
+handlers = [chat_completions, completions, embeddings, responses, list_models, retrieve_model]
+"""Served under ``/v1``."""

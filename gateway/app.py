@@ -12,19 +12,25 @@ from typing import Any
 
 import httpx
 from httpx_aiohttp import AiohttpTransport
-from litestar import Litestar
+from litestar import Litestar, Router
 from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
 
-from gateway import api, probes
+from gateway import api, history_api, probes
 from gateway.backends import build_backends, discover_all, discover_forever
 from gateway.errors import exception_handlers
+from gateway.history import History
 from gateway.request import add_request_id
 from gateway.settings import Settings
+from gateway.stores.base import HistoryStore
+from gateway.stores.memory import MemoryStore
+from gateway.stores.redis import RedisStore
 
 __all__ = ["create_app", "default_http_client"]
 
 log = logging.getLogger("gateway")
+
+_HISTORY_DRAIN_SECONDS = 5.0
 
 
 def default_http_client() -> httpx.AsyncClient:
@@ -33,6 +39,21 @@ def default_http_client() -> httpx.AsyncClient:
     process relays at once, so the pool never queues requests the backends could take."""
     limits = httpx.Limits(max_connections=8192, max_keepalive_connections=1024, keepalive_expiry=30)
     return httpx.AsyncClient(transport=AiohttpTransport(limits=limits), timeout=None)
+
+
+def _redis_client(url: str) -> Any:
+    from redis.asyncio import Redis
+
+    # Short socket timeouts: a Redis outage must fail a request fast, not hang it (history queues,
+    # conversation reads answer 503).
+    return Redis.from_url(url, socket_connect_timeout=1.0, socket_timeout=2.0, health_check_interval=10)
+
+
+def _history_store(settings: Settings, redis: Any) -> HistoryStore:
+    ttl = settings.history.ttl_days * 86_400 or None
+    if redis is not None:
+        return RedisStore(redis, ttl_seconds=ttl, max_items=settings.history.max_items)
+    return MemoryStore(ttl_seconds=ttl, max_items=settings.history.max_items)
 
 
 def create_app(settings: Settings, *, http: httpx.AsyncClient | None = None, redis: Any = None) -> Litestar:
@@ -53,25 +74,35 @@ def create_app(settings: Settings, *, http: httpx.AsyncClient | None = None, red
                     stack.push_async_callback(backend.client.aclose)
             app.state.redis = redis
             if redis is None and settings.redis.url:
-                from redis.asyncio import Redis
-
-                app.state.redis = Redis.from_url(settings.redis.url)
+                app.state.redis = _redis_client(settings.redis.url)
                 stack.push_async_callback(app.state.redis.aclose)
+            app.state.history = history = History(_history_store(settings, app.state.redis), settings.history)
             await discover_all(backends, timeout=settings.timeouts.connect)
-            refresh = asyncio.create_task(
-                discover_forever(backends, settings.discovery.interval, settings.timeouts.connect)
-            )
-            stack.callback(refresh.cancel)
+            tasks = [
+                asyncio.create_task(discover_forever(backends, settings.discovery.interval, settings.timeouts.connect)),
+                asyncio.create_task(history.run()),
+            ]
+            for task in tasks:
+                stack.callback(task.cancel)
+            # Runs first on the way out: records of the last replies get written before the writer stops.
+            stack.push_async_callback(history.drain, _HISTORY_DRAIN_SECONDS)
             yield
 
     cors = settings.server.cors_origins
     return Litestar(
-        route_handlers=[api.router, probes.health, probes.ready],
+        route_handlers=[
+            Router(path="/v1", route_handlers=[*api.handlers, *history_api.handlers]),
+            api.legacy_chat,
+            probes.health,
+            probes.ready,
+        ],
         lifespan=[lifespan],
         exception_handlers=exception_handlers,  # type: ignore[arg-type]
         before_send=[add_request_id],
         request_max_body_size=settings.server.max_body_size,
         cors_config=CORSConfig(allow_origins=cors, expose_headers=["x-request-id"]) if cors else None,
         openapi_config=None,
+        # The CLI configures logging; Litestar's default config would replace it.
+        logging_config=None,
         state=State({"settings": settings, "started_at": int(time.time()), "redis": None, "backends": []}),
     )

@@ -60,6 +60,8 @@ def _serve(settings: Settings, source: str) -> int:
 
     level = settings.logging.level
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # httpx logs every upstream request at INFO: a line per request is the access log's job.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
     log = logging.getLogger("gateway")
     log.info("configuration from %s", source)
     for line in describe(settings, source).splitlines()[1:]:

@@ -33,6 +33,7 @@ import msgspec
 from litestar import MediaType, Request, Response
 from litestar.exceptions import HTTPException
 
+from gateway.stores.base import StoreUnavailable
 from gateway.wire import ErrorBody, ErrorDetail, encode
 
 __all__ = [
@@ -230,6 +231,10 @@ def render(exc: Exception, request_id: str | None) -> Response[bytes]:
         if request_id:
             headers["x-request-id"] = request_id
         return Response(content=exc.body, status_code=exc.status, media_type=MediaType.JSON, headers=headers)
+    if isinstance(exc, StoreUnavailable):
+        exc = ServiceUnavailable(
+            f"History is unavailable right now ({exc}); retry shortly.", code="history_unavailable"
+        )
     if isinstance(exc, GatewayError):
         status, detail = exc.status, exc.detail()
         headers.update(exc.headers)

@@ -17,6 +17,7 @@ import hashlib
 import itertools
 import math
 import time
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -66,7 +67,6 @@ class MockModelTransport(httpx.AsyncBaseTransport):
     def __init__(self, settings: BackendSettings) -> None:
         self.models = settings.models or ["mock"]
         self.token_delay = settings.token_delay
-        self._ids = itertools.count(1)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         path = request.url.path.rsplit("/v1", 1)[-1]
@@ -110,7 +110,8 @@ class MockModelTransport(httpx.AsyncBaseTransport):
             "total_tokens": prompt_tokens + len(tokens) * body.n,
         }
         prefix = "chatcmpl" if chat else "cmpl"
-        ident = f"{prefix}-mock-{next(self._ids)}"
+        # Unique across restarts: history stores completions by this id.
+        ident = f"{prefix}-mock-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -36,8 +36,16 @@ async def ready(state: State) -> Response[bytes]:
         backends[backend.name] = entry
     components: dict[str, Any] = {"backends": backends}
     serving = any(backend.up for backend in state.backends)
+    history = state.history
+    components["history"] = {
+        "store": "redis" if state.redis is not None else "memory",
+        "queued": history.queued,
+        "dropped": history.dropped,
+    }
     if state.redis is not None:
-        components["redis"] = await _redis_state(state.redis)
+        redis_state = components["redis"] = await _redis_state(state.redis)
+        if redis_state["state"] != "up" and state.settings.health.require_redis:
+            serving = False
     body = {"status": "ready" if serving else "unavailable", "components": components}
     return Response(encode(body), status_code=200 if serving else 503, media_type="application/json")
 

@@ -22,6 +22,7 @@ import anyio
 import httpx
 import msgspec
 from litestar import MediaType, Response
+from litestar.background_tasks import BackgroundTask
 from litestar.response import Stream
 
 from gateway.backends import Backend
@@ -114,18 +115,25 @@ async def _unary(
                 await response.aclose()
     except TimeoutError:
         raise UpstreamTimeout(f"Backend `{backend.name}` did not answer within {timeouts.total:g} s.") from None
+    background = None
     if reply is not None:
         try:
             reply.observe_completion(decode_completion(content))
         except msgspec.DecodeError:
             log.debug("backend %s sent a reply the gateway could not read", backend.name)
         if on_end is not None:
-            on_end(reply)
+            background = BackgroundTask(_after_response, on_end, reply)
     return Response(
         content=content,
         status_code=response.status_code,
         media_type=response.headers.get("content-type", MediaType.JSON),
+        background=background,
     )
+
+
+async def _after_response(on_end: OnEnd, reply: Reply) -> None:
+    # Async on purpose: Litestar runs a sync background callable in a worker thread.
+    on_end(reply)
 
 
 class StreamRelay:

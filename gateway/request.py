@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 from litestar import Request
@@ -17,10 +17,13 @@ from litestar.types import Message, Scope
 from gateway.errors import InvalidJSON, InvalidRequest
 from gateway.wire import ChatRequest, RoutedRequest, decode_chat, decode_routed
 
-__all__ = ["add_request_id", "parse_chat", "parse_routed", "request_id"]
+__all__ = ["add_request_id", "decode_body", "parse_chat", "parse_routed", "request_id"]
+
+T = TypeVar("T")
 
 # A client's id is echoed in a response header and written to logs: keep it to a harmless alphabet.
 _VALID_ID = re.compile(rb"^[A-Za-z0-9._:/+=-]{1,128}$")
+_MISSING = re.compile(r"^Object missing required field `([^`]*)`")
 _TYPE = re.compile(r"^Expected `([^`]*)`, got `([^`]*)` - at `\$\.?([^`]*)`$")
 
 
@@ -66,10 +69,27 @@ def parse_routed(body: bytes) -> RoutedRequest:
     return routed
 
 
+_decoders: dict[type, msgspec.json.Decoder[Any]] = {}
+
+
+def decode_body(kind: type[T], body: bytes) -> T:
+    """Decode a small request body (history and admin endpoints) into ``kind``, with OpenAI's 400s."""
+    decoder = _decoders.get(kind)
+    if decoder is None:
+        decoder = _decoders[kind] = msgspec.json.Decoder(kind)
+    return _decode(decoder.decode, body)
+
+
 def _decode(decode: Any, body: bytes) -> Any:
     try:
         return decode(body)
     except msgspec.ValidationError as exc:
+        if missing := _MISSING.match(str(exc)):
+            raise InvalidRequest(
+                f"Missing required parameter: '{missing.group(1)}'.",
+                param=missing.group(1),
+                code="missing_required_parameter",
+            ) from None
         match = _TYPE.match(str(exc))
         if match is None:
             # "Expected `object`, got `array`": the body is JSON but not an object.

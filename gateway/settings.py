@@ -21,6 +21,8 @@ __all__ = [
     "BackendSettings",
     "ConfigError",
     "DiscoverySettings",
+    "HealthSettings",
+    "HistorySettings",
     "LoggingSettings",
     "RedisSettings",
     "ServerSettings",
@@ -84,6 +86,26 @@ class DiscoverySettings(Config):
     interval: Seconds = 60.0
 
 
+class HistorySettings(Config):
+    # Record every chat completion, not only those sent with `store: true`.
+    store_all: bool = True
+    # Days a record, conversation or item is kept after its last write. 0 keeps them forever.
+    ttl_days: Annotated[float, Meta(ge=0)] = 30.0
+    # Server-side memory: at most this many non-system items of a conversation are sent (0: no cap) ...
+    max_messages: Annotated[int, Meta(ge=0)] = 50
+    # ... and at most about this many tokens of them (0: no cap). System messages always go.
+    max_tokens: Annotated[int, Meta(ge=0)] = 0
+    # Items kept per conversation; the oldest go first.
+    max_items: Annotated[int, Meta(ge=1)] = 1000
+    # Records waiting while Redis is down; past this the oldest are dropped (and counted).
+    queue_size: Annotated[int, Meta(ge=1)] = 10_000
+
+
+class HealthSettings(Config):
+    # Take this replica out of rotation (503 on /ready) while Redis is unreachable.
+    require_redis: bool = False
+
+
 class LoggingSettings(Config):
     level: Literal["debug", "info", "warning", "error", "critical"] = "info"
 
@@ -95,6 +117,8 @@ class Settings(Config):
     aliases: dict[str, str] = msgspec.field(default_factory=dict)
     timeouts: TimeoutSettings = msgspec.field(default_factory=TimeoutSettings)
     discovery: DiscoverySettings = msgspec.field(default_factory=DiscoverySettings)
+    history: HistorySettings = msgspec.field(default_factory=HistorySettings)
+    health: HealthSettings = msgspec.field(default_factory=HealthSettings)
     logging: LoggingSettings = msgspec.field(default_factory=LoggingSettings)
 
 

@@ -23,9 +23,13 @@ __all__ = [
     "Delta",
     "ErrorBody",
     "ErrorDetail",
+    "LegacyChat",
     "Message",
+    "MetadataUpdate",
     "ModelCard",
     "ModelList",
+    "NewConversation",
+    "NewItems",
     "RoutedRequest",
     "StreamOptions",
     "ToolCallDelta",
@@ -160,6 +164,29 @@ class ModelCard(msgspec.Struct, kw_only=True):
 class ModelList(msgspec.Struct, kw_only=True):
     object: str = "list"
     data: list[ModelCard]
+
+
+class MetadataUpdate(Wire):
+    """``POST /v1/chat/completions/{id}`` and ``POST /v1/conversations/{id}``."""
+
+    metadata: dict[str, str] | None = None
+
+
+class NewConversation(Wire):
+    items: list[dict[str, Any]] | None = None
+    metadata: dict[str, str] | None = None
+
+
+class NewItems(Wire):
+    items: list[dict[str, Any]]
+
+
+class LegacyChat(Wire):
+    """``POST /chat``, the route of the service this gateway replaces."""
+
+    user_id: str
+    message: str
+    model: str | None = None
 
 
 class ErrorDetail(msgspec.Struct):

@@ -197,7 +197,7 @@ async def test_models_list_and_retrieve(client: AsyncTestClient) -> None:
 async def test_unknown_route_and_method_are_openai_errors(client: AsyncTestClient) -> None:
     response = await client.get("/v1/nothing")
     assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
-    response = await client.get("/v1/chat/completions")
+    response = await client.put("/v1/chat/completions")
     assert response.status_code == 405 and "error" in response.json()
 
 
