@@ -20,6 +20,7 @@ from gateway import api, history_api, probes
 from gateway.backends import build_backends, discover_all, discover_forever
 from gateway.errors import exception_handlers
 from gateway.history import History
+from gateway.playground import playground
 from gateway.request import add_request_id
 from gateway.settings import Settings
 from gateway.stores.base import HistoryStore
@@ -93,6 +94,7 @@ def create_app(settings: Settings, *, http: httpx.AsyncClient | None = None, red
         route_handlers=[
             Router(path="/v1", route_handlers=[*api.handlers, *history_api.handlers]),
             api.legacy_chat,
+            playground,
             probes.health,
             probes.ready,
         ],

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -41,6 +43,7 @@ models = ["dead-model"]
 
 [aliases]
 fast = "fake-model"
+ghost = "no-backend-serves-this"
 """)
     process = Gateway(config, directory).start()
     yield process
@@ -64,6 +67,7 @@ MESSAGES = [{"role": "user", "content": "hi"}]
 def test_models_list_discovered_and_aliases(client: openai.OpenAI) -> None:
     owners = {model.id: model.owned_by for model in client.models.list()}
     assert owners == {"fake-model": "fake", "mock": "mock", "dead-model": "dead", "fast": "fake"}
+    assert "ghost" not in owners  # its target is served by nobody
     assert client.models.retrieve("fast").owned_by == "fake"
 
 
@@ -190,6 +194,12 @@ def test_unreachable_upstream_is_502(client: openai.OpenAI) -> None:
     assert info.value.status_code == 502 and info.value.code == "upstream_unavailable"
 
 
+def test_known_model_without_backend_is_503(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.InternalServerError) as info:
+        client.chat.completions.create(model="ghost", messages=MESSAGES)
+    assert info.value.status_code == 503 and info.value.code == "no_backend_available"
+
+
 def test_first_token_timeout_is_504(client: openai.OpenAI) -> None:
     with pytest.raises(openai.InternalServerError) as info:
         client.chat.completions.create(
@@ -296,3 +306,33 @@ def test_sigterm_exits_cleanly(tmp_path: Path) -> None:
     config.write_text('[[backends]]\nname = "mock"\nkind = "mock"\n')
     process = Gateway(config, tmp_path, name="sigterm").start()
     assert process.stop() == 0
+
+
+def test_models_refreshed_and_readiness_follows(tmp_path: Path, start_gateway: Any) -> None:
+    """A backend that is down at start-up is not ready; once it answers, the periodic discovery finds
+    its models and the replica turns ready."""
+    late = Upstream(tmp_path, models=("late-model",), name="late")
+    gateway = start_gateway(f"""
+[discovery]
+interval = 0.3
+
+[[backends]]
+name = "late"
+kind = "vllm"
+base_url = "{late.base_url}"
+""")
+    ready = httpx.get(f"{gateway.url}/ready", timeout=5)
+    assert ready.status_code == 503 and ready.json()["components"]["backends"]["late"]["state"] == "down"
+    with pytest.raises(openai.NotFoundError):
+        gateway.client().chat.completions.create(model="late-model", messages=MESSAGES)
+    late.start()
+    try:
+        deadline = time.monotonic() + 5
+        while httpx.get(f"{gateway.url}/ready", timeout=5).status_code != 200:
+            assert time.monotonic() < deadline, "discovery never found the backend"
+            time.sleep(0.1)
+        assert [m.id for m in gateway.client().models.list()] == ["late-model"]
+        reply = gateway.client().chat.completions.create(model="late-model", messages=MESSAGES)
+        assert reply.choices[0].message.content
+    finally:
+        late.stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -109,6 +110,38 @@ def test_streamed_reply_recorded_equal_to_streamed_text(gateway: Gateway, upstre
     assert stored.choices[0].message.content == streamed == "tok0 tok1 tok2 tok3 tok4 tok5"
     assert stored.choices[0].finish_reason == "length"
     assert stored.usage is not None and stored.usage.completion_tokens == 6
+
+
+def test_failed_stream_recorded_with_what_was_produced(gateway: Gateway, upstream: Upstream) -> None:
+    client = user_client(gateway, "alice-partial")
+    stream = ask(client, "fail half-way", stream=True, max_tokens=5, extra_body={"fake_scenario": "drop_mid_stream"})
+    chunks = []
+    with pytest.raises(openai.APIError):
+        for chunk in stream:
+            chunks.append(chunk)
+    stored = eventually(lambda: client.chat.completions.retrieve(chunks[0].id))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert stored.choices[0].message.content == streamed == "tok0"
+    assert stored.choices[0].finish_reason == "error"
+
+
+def test_abandoned_stream_recorded_as_cancelled(gateway: Gateway, upstream: Upstream) -> None:
+    body = {
+        "model": "fake-model",
+        "messages": [{"role": "user", "content": "x"}],
+        "stream": True,
+        "max_tokens": 40,
+        "fake_token_delay": 0.05,
+    }
+    with httpx.stream(
+        "POST", f"{gateway.base_url}/chat/completions", json=body, timeout=10, headers={"x-user-id": "alice-gone"}
+    ) as response:
+        lines = [line for line, _ in zip(response.iter_lines(), range(6), strict=False) if line.startswith("data: ")]
+    completion_id = json.loads(lines[0][6:])["id"]
+    client = user_client(gateway, "alice-gone")
+    stored = eventually(lambda: client.chat.completions.retrieve(completion_id))
+    assert stored.choices[0].finish_reason == "cancelled"
+    assert stored.choices[0].message.content and stored.choices[0].message.content.startswith("tok0")
 
 
 def test_metadata_filter_and_pagination(gateway: Gateway, upstream: Upstream) -> None:
