@@ -1,5 +1,5 @@
 """The OpenAI-compatible endpoints. Each handler reads as the pipeline it runs:
-parse -> route -> forward (upstream and relay)."""
+parse -> access -> route -> history -> limits -> forward (upstream and relay) -> record."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ from litestar import Request, Response, get, post
 from litestar.datastructures import State
 from litestar.response import Stream
 
-from gateway.errors import ModelNotFound
-from gateway.history import new_conversation, scope_of
+from gateway.auth import Principal
+from gateway.errors import GatewayError, ModelNotFound
+from gateway.history import Turn, new_conversation, scope_of
+from gateway.limits import Admission
 from gateway.relay import forward
 from gateway.reply import Reply
 from gateway.request import decode_body, parse_chat, parse_routed, request_id
@@ -21,6 +23,17 @@ from gateway.wire import LegacyChat, ModelCard, ModelList, encode, rewrite_field
 __all__ = ["handlers", "legacy_chat"]
 
 
+def principal_of(request: Request) -> Principal:
+    return request.scope["state"]["principal"]
+
+
+def _route(state: State, principal: Principal, model: str) -> Route:
+    # A model the key may not use is "not found", so a key learns nothing about what else is served.
+    if not principal.may_use(model):
+        raise ModelNotFound(model)
+    return resolve(model, state.backends, state.settings.aliases)
+
+
 @post("/chat/completions", status_code=200)
 async def chat_completions(request: Request, state: State) -> Response[bytes] | Stream:
     return await _chat(request, state, await request.body())
@@ -28,34 +41,103 @@ async def chat_completions(request: Request, state: State) -> Response[bytes] | 
 
 async def _chat(request: Request, state: State, body: bytes) -> Response[bytes] | Stream:
     chat = parse_chat(body)
-    route = resolve(chat.model, state.backends, state.settings.aliases)
+    principal = principal_of(request)
+    route = _route(state, principal, chat.model)
     rid = request_id(request)
-    scope = scope_of(request, chat.user or chat.safety_identifier)
-    turn = await state.history.begin(scope, chat, model=route.model, request_id=rid)
-    return await forward(
+    turn = await state.history.begin(
+        scope_of(request, chat.user or chat.safety_identifier), chat, model=route.model, request_id=rid
+    )
+    changes = turn.body_changes()
+    stream = bool(chat.stream)
+    client_wants_usage = bool(chat.stream_options and chat.stream_options.get("include_usage"))
+    hide_usage = stream and state.accounting and not client_wants_usage
+    if hide_usage:
+        # Streamed tokens are only counted if the upstream reports them.
+        changes["stream_options"] = {**(chat.stream_options or {}), "include_usage": True}
+    reserve = (len(chat.messages) + 3) // 4 + (chat.max_completion_tokens or chat.max_tokens or state.default_tokens)
+    admission = await _admit(state, principal, rid, reserve)
+    return await _forward(
+        state,
         route,
         "/chat/completions",
-        _for_backend(body, route, turn.body_changes()),
-        request_id=rid,
-        stream=bool(chat.stream),
-        timeouts=state.settings.timeouts,
-        reply=Reply(),
-        on_end=turn.finish if turn.active else None,
+        _for_backend(body, route, changes),
+        rid,
+        stream,
+        principal,
+        admission,
+        turn=turn,
+        hide_usage=hide_usage,
     )
 
 
 async def _relay_as_is(request: Request, state: State, path: str) -> Response[bytes] | Stream:
     body = await request.body()
     routed = parse_routed(body)
-    route = resolve(routed.model, state.backends, state.settings.aliases)
-    return await forward(
-        route,
-        path,
-        _for_backend(body, route),
-        request_id=request_id(request),
-        stream=bool(routed.stream),
-        timeouts=state.settings.timeouts,
-    )
+    principal = principal_of(request)
+    route = _route(state, principal, routed.model)
+    rid = request_id(request)
+    reserve = (len(body) + 3) // 4 + (routed.max_tokens or routed.max_output_tokens or 0)
+    admission = await _admit(state, principal, rid, reserve)
+    return await _forward(state, route, path, _for_backend(body, route), rid, bool(routed.stream), principal, admission)
+
+
+async def _admit(state: State, principal: Principal, rid: str, tokens: int) -> Admission | None:
+    if not principal.limits.any:
+        return None
+    window = state.settings.limits.window
+    limit_state = await state.limiter.admit(principal.key_id, principal.limits, rid, tokens, window)
+    return Admission(state.limiter, principal.key_id, principal.limits, rid, tokens, window, limit_state)
+
+
+async def _forward(
+    state: State,
+    route: Route,
+    path: str,
+    body: bytes,
+    rid: str,
+    stream: bool,
+    principal: Principal,
+    admission: Admission | None,
+    *,
+    turn: Turn | None = None,
+    hide_usage: bool = False,
+) -> Response[bytes] | Stream:
+    headers = admission.headers if admission is not None else None
+
+    async def finish(reply: Reply) -> None:
+        """After the reply: charge its real tokens, count its usage, record it."""
+        usage = reply.usage
+        if admission is not None:
+            await admission.settle(usage.prompt_tokens + usage.completion_tokens if usage else None)
+        if state.accounting:
+            await state.usage.add(
+                principal.key_id,
+                principal.name,
+                route.model,
+                usage.prompt_tokens if usage else 0,
+                usage.completion_tokens if usage else 0,
+            )
+        if turn is not None and turn.active:
+            turn.finish(reply)
+
+    try:
+        return await forward(
+            route,
+            path,
+            body,
+            request_id=rid,
+            stream=stream,
+            timeouts=state.settings.timeouts,
+            reply=Reply(),
+            on_end=finish,
+            hide_usage=hide_usage,
+            headers=headers,
+        )
+    except GatewayError as exc:
+        if admission is not None:
+            await admission.settle(0)  # nothing was generated: give the tokens back, free the slot
+            exc.headers = {**admission.headers, **exc.headers}
+        raise
 
 
 @post("/completions", status_code=200)
@@ -73,11 +155,19 @@ async def responses(request: Request, state: State) -> Response[bytes] | Stream:
     return await _relay_as_is(request, state, "/responses")
 
 
-@get("/models")
-async def list_models(state: State) -> Response[bytes]:
-    cards = [
-        ModelCard(id=name, created=state.started_at, owned_by=owner)
+def _visible_models(request: Request, state: State) -> list[tuple[str, str]]:
+    principal = principal_of(request)
+    return [
+        (name, owner)
         for name, owner in listed_models(state.backends, state.settings.aliases)
+        if principal.may_use(name)
+    ]
+
+
+@get("/models")
+async def list_models(request: Request, state: State) -> Response[bytes]:
+    cards = [
+        ModelCard(id=name, created=state.started_at, owned_by=owner) for name, owner in _visible_models(request, state)
     ]
     return Response(encode(ModelList(data=cards)), media_type="application/json")
 
@@ -86,7 +176,7 @@ async def list_models(state: State) -> Response[bytes]:
 async def retrieve_model(request: Request, state: State) -> Response[bytes]:
     # Read from the scope rather than the signature: model ids contain slashes ("org/model").
     model_id = str(request.path_params["model_id"]).lstrip("/")
-    for name, owner in listed_models(state.backends, state.settings.aliases):
+    for name, owner in _visible_models(request, state):
         if name == model_id:
             return Response(
                 encode(ModelCard(id=name, created=state.started_at, owned_by=owner)), media_type="application/json"
@@ -99,7 +189,7 @@ async def legacy_chat(request: Request, state: State) -> Response[bytes] | Strea
     """The route of the service this gateway replaces: one message from one user, answered as a stream
     of OpenAI chunks, in that user's default conversation (so its history is kept as any other)."""
     legacy = decode_body(LegacyChat, await request.body())
-    model = legacy.model or next(iter(listed_models(state.backends, state.settings.aliases)), ("", ""))[0]
+    model = legacy.model or next(iter(_visible_models(request, state)), ("", ""))[0]
     scope = Scope(scope_of(request).tenant, legacy.user_id)
     conversation = await state.history.store.default_conversation(scope, new_conversation(scope))
     body = encode(

@@ -16,16 +16,20 @@ from litestar import Litestar, Router
 from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
 
-from gateway import api, history_api, probes
+from gateway import admin_api, api, history_api, probes
+from gateway.auth import Authenticator, authenticate
 from gateway.backends import build_backends, discover_all, discover_forever
 from gateway.errors import exception_handlers
 from gateway.history import History
+from gateway.keys import MemoryKeyStore, RedisKeyStore
+from gateway.limits import MemoryLimiter, RedisLimiter
 from gateway.playground import playground
 from gateway.request import add_request_id
 from gateway.settings import Settings
 from gateway.stores.base import HistoryStore
 from gateway.stores.memory import MemoryStore
 from gateway.stores.redis import RedisStore
+from gateway.usage import MemoryUsage, RedisUsage
 
 __all__ = ["create_app", "default_http_client"]
 
@@ -57,6 +61,28 @@ def _history_store(settings: Settings, redis: Any) -> HistoryStore:
     return MemoryStore(ttl_seconds=ttl, max_items=settings.history.max_items)
 
 
+def _access(state: State, settings: Settings) -> None:
+    """Keys, limits and usage: in Redis when there is one, so they hold across replicas."""
+    redis = state.redis
+    state.auth = Authenticator(settings, RedisKeyStore(redis) if redis is not None else MemoryKeyStore())
+    local = MemoryLimiter()
+    if redis is None:
+        state.limiter = local
+    else:
+        fallback = local if settings.limits.on_redis_error == "fail_open" else None
+        state.limiter = RedisLimiter(redis, fallback=fallback)
+    ttl = settings.history.ttl_days * 86_400 or None
+    state.usage = RedisUsage(redis, ttl_seconds=ttl) if redis is not None else MemoryUsage()
+    # Usage is counted per key; an open gateway has none to count for.
+    state.accounting = not state.auth.open
+    state.default_tokens = settings.limits.default_max_tokens
+    if state.auth.open:
+        log.warning(
+            "OPEN MODE: no API keys and no master key are configured, so anyone who can reach this port may "
+            "use every model without limits. Configure [[keys]] or [auth] master_key before exposing it."
+        )
+
+
 def create_app(settings: Settings, *, http: httpx.AsyncClient | None = None, redis: Any = None) -> Litestar:
     """The gateway as an ASGI app. ``http`` and ``redis``, when given, are used as they are and left
     open: whoever made them closes them."""
@@ -78,6 +104,7 @@ def create_app(settings: Settings, *, http: httpx.AsyncClient | None = None, red
                 app.state.redis = _redis_client(settings.redis.url)
                 stack.push_async_callback(app.state.redis.aclose)
             app.state.history = history = History(_history_store(settings, app.state.redis), settings.history)
+            _access(app.state, settings)
             await discover_all(backends, timeout=settings.timeouts.connect)
             tasks = [
                 asyncio.create_task(discover_forever(backends, settings.discovery.interval, settings.timeouts.connect)),
@@ -92,8 +119,9 @@ def create_app(settings: Settings, *, http: httpx.AsyncClient | None = None, red
     cors = settings.server.cors_origins
     return Litestar(
         route_handlers=[
-            Router(path="/v1", route_handlers=[*api.handlers, *history_api.handlers]),
-            api.legacy_chat,
+            Router(path="/v1", route_handlers=[*api.handlers, *history_api.handlers], guards=[authenticate]),
+            Router(path="/", route_handlers=[api.legacy_chat], guards=[authenticate]),
+            admin_api.router,
             playground,
             probes.health,
             probes.ready,

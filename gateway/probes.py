@@ -42,6 +42,8 @@ async def ready(state: State) -> Response[bytes]:
         "queued": history.queued,
         "dropped": history.dropped,
     }
+    limiter_degraded = getattr(state.limiter, "degraded", None)
+    components["limits"] = {"state": "degraded", "reason": limiter_degraded} if limiter_degraded else {"state": "up"}
     if state.redis is not None:
         redis_state = components["redis"] = await _redis_state(state.redis)
         if redis_state["state"] != "up" and state.settings.health.require_redis:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import anyio
 import httpx
@@ -50,7 +50,11 @@ class _ResponsesEvent(msgspec.Struct):
 
 _responses_event = msgspec.json.Decoder(_ResponsesEvent)
 
-OnEnd = Callable[[Reply], None]
+# What the relay does with an event it observed.
+_FORWARD, _SKIP, _STOP = object(), object(), object()
+
+OnEnd = Callable[[Reply], Awaitable[None]]
+"""Runs once per reply, after the response is complete (or abandoned): history, usage, limits."""
 
 
 async def forward(
@@ -63,28 +67,33 @@ async def forward(
     timeouts: TimeoutSettings,
     reply: Reply | None = None,
     on_end: OnEnd | None = None,
+    hide_usage: bool = False,
+    headers: dict[str, str] | None = None,
 ) -> Response[bytes] | Stream:
     """Send ``body`` to the route's best backend and relay its answer.
 
     ``reply`` collects what a chat or completions answer says; Responses API streams, whose events are
-    not chunks, are only checked for their terminal event.
+    not chunks, are only checked for their terminal event. ``hide_usage``: the gateway asked the
+    upstream for a usage chunk the client did not ask for, so that chunk is not forwarded.
     """
     backend = route.backends[0]
     if stream:
-        relay = StreamRelay(backend, reply, responses_api=path == "/responses", timeouts=timeouts, on_end=on_end)
+        relay = StreamRelay(
+            backend, reply, responses_api=path == "/responses", timeouts=timeouts, on_end=on_end, hide_usage=hide_usage
+        )
         first = await relay.open(path, body, request_id)
-        # The background task runs even when the client left before the body started, which
-        # would leave the generator (and its ``finally``) never run.
+        # Background work runs after the last byte, and also when the client left before the body
+        # started (then the generator, and its ``finally``, never run).
         return Stream(
             relay.events(first),
             media_type="text/event-stream",
-            headers=STREAM_HEADERS,
+            headers=STREAM_HEADERS | headers if headers else STREAM_HEADERS,
             status_code=200,
-            background=relay.close,
+            background=relay.finish,
         )
     backend.in_flight += 1
     try:
-        return await _unary(backend, path, body, request_id, timeouts, reply, on_end)
+        return await _unary(backend, path, body, request_id, timeouts, reply, on_end, headers)
     finally:
         backend.in_flight -= 1
 
@@ -97,6 +106,7 @@ async def _unary(
     timeouts: TimeoutSettings,
     reply: Reply | None,
     on_end: OnEnd | None,
+    headers: dict[str, str] | None,
 ) -> Response[bytes]:
     try:
         async with asyncio.timeout(timeouts.total):
@@ -122,18 +132,14 @@ async def _unary(
         except msgspec.DecodeError:
             log.debug("backend %s sent a reply the gateway could not read", backend.name)
         if on_end is not None:
-            background = BackgroundTask(_after_response, on_end, reply)
+            background = BackgroundTask(on_end, reply)
     return Response(
         content=content,
         status_code=response.status_code,
         media_type=response.headers.get("content-type", MediaType.JSON),
+        headers=headers,
         background=background,
     )
-
-
-async def _after_response(on_end: OnEnd, reply: Reply) -> None:
-    # Async on purpose: Litestar runs a sync background callable in a worker thread.
-    on_end(reply)
 
 
 class StreamRelay:
@@ -145,6 +151,8 @@ class StreamRelay:
         "_closed",
         "_deadline",
         "_failure",
+        "_finished",
+        "_hide_usage",
         "_on_end",
         "_response",
         "_responses_api",
@@ -161,8 +169,11 @@ class StreamRelay:
         responses_api: bool,
         timeouts: TimeoutSettings,
         on_end: OnEnd | None,
+        hide_usage: bool = False,
     ) -> None:
         self._backend = backend
+        self._hide_usage = hide_usage
+        self._finished = False
         self.reply = reply if reply is not None else Reply()
         self._responses_api = responses_api
         self._timeouts = timeouts
@@ -247,35 +258,41 @@ class StreamRelay:
         forward = []
         for event in events:
             data = event_data(event)
-            if data is not None and not self._observe(data):
+            verdict = _FORWARD if data is None else self._observe(data)
+            if verdict is _STOP:
                 break
-            forward.append(event)
+            if verdict is _FORWARD:
+                forward.append(event)
             if self.reply.done:
                 break
+        if not forward:
+            return b""
         return forward[0] if len(forward) == 1 else b"".join(forward)
 
-    def _observe(self, data: bytes) -> bool:
-        """Read one event's data into the reply. False when it is not something to forward."""
+    def _observe(self, data: bytes) -> object:
+        """Read one event's data into the reply, and say what becomes of the event."""
         reply = self.reply
         if data == DONE:
             reply.done = True
-            return True
+            return _FORWARD
         try:
             if self._responses_api:
                 if _responses_event.decode(data).type in _RESPONSES_TERMINAL:
                     reply.done = True
-                return True
+                return _FORWARD
             chunk = decode_chunk(data)
         except msgspec.ValidationError:
-            return True  # JSON, but not in the shape we read: still the upstream's to say.
+            return _FORWARD  # JSON, but not in the shape we read: still the upstream's to say.
         except msgspec.DecodeError:
             self._fail("upstream_protocol_error", "The upstream sent an event that is not JSON.")
-            return False
+            return _STOP
         if chunk.error:
             # The upstream reported its own failure in-band; the client gets it as sent.
             reply.error = "upstream_error"
         reply.observe_chunk(chunk)
-        return True
+        if self._hide_usage and chunk.usage is not None and not chunk.choices:
+            return _SKIP
+        return _FORWARD
 
     def _fail(self, code: str, message: str) -> None:
         if self.reply.error is not None and self.reply.error != "cancelled":
@@ -291,10 +308,17 @@ class StreamRelay:
             return
         self._closed = True
         self._backend.in_flight -= 1
-        with anyio.CancelScope(shield=True):
-            if self._response is not None:
+        if self._response is not None:
+            with anyio.CancelScope(shield=True):
                 await self._response.aclose()
-            if self._on_end is not None:
-                if not self.reply.done and self.reply.error is None:
-                    self.reply.error = "cancelled"
-                self._on_end(self.reply)
+
+    async def finish(self) -> None:
+        """After the response: release the upstream if that has not happened, then ``on_end``, once."""
+        await self.close()
+        if self._finished or self._on_end is None:
+            return
+        self._finished = True
+        if not self.reply.done and self.reply.error is None:
+            self.reply.error = "cancelled"
+        with anyio.CancelScope(shield=True):
+            await self._on_end(self.reply)

@@ -18,11 +18,14 @@ import msgspec
 from msgspec import Meta
 
 __all__ = [
+    "AuthSettings",
     "BackendSettings",
     "ConfigError",
     "DiscoverySettings",
     "HealthSettings",
     "HistorySettings",
+    "KeySettings",
+    "LimitsSettings",
     "LoggingSettings",
     "RedisSettings",
     "ServerSettings",
@@ -106,6 +109,37 @@ class HealthSettings(Config):
     require_redis: bool = False
 
 
+class AuthSettings(Config):
+    # Holder of this key manages virtual keys (/admin) and may use every model, unlimited.
+    master_key: str | None = None
+
+
+class KeySettings(Config):
+    """A static API key. Give the secret as `key` (usually "${ENV_VAR}") or only its SHA-256 as
+    `key_sha256`, so the config never holds it."""
+
+    name: Annotated[str, Meta(min_length=1)]
+    key: str | None = None
+    key_sha256: Annotated[str, Meta(pattern=r"^[0-9a-f]{64}$")] | None = None
+    tenant: Annotated[str, Meta(min_length=1)] = "default"
+    # Globs of the models this key may use.
+    models: list[str] = msgspec.field(default_factory=lambda: ["*"])
+    # Requests and tokens (prompt + completion) per minute, requests at once; 0 = unlimited.
+    rpm: Annotated[int, Meta(ge=0)] = 0
+    tpm: Annotated[int, Meta(ge=0)] = 0
+    max_parallel: Annotated[int, Meta(ge=0)] = 0
+
+
+class LimitsSettings(Config):
+    # What admission does while Redis is unreachable: admit against a per-process limiter
+    # ("fail_open"), or refuse with 503 ("fail_closed").
+    on_redis_error: Literal["fail_open", "fail_closed"] = "fail_open"
+    # Completion tokens reserved for a request that sets no max_tokens.
+    default_max_tokens: Annotated[int, Meta(ge=1)] = 1024
+    # The rate window in seconds: limits are per minute at 60.
+    window: Seconds = 60.0
+
+
 class LoggingSettings(Config):
     level: Literal["debug", "info", "warning", "error", "critical"] = "info"
 
@@ -119,6 +153,9 @@ class Settings(Config):
     discovery: DiscoverySettings = msgspec.field(default_factory=DiscoverySettings)
     history: HistorySettings = msgspec.field(default_factory=HistorySettings)
     health: HealthSettings = msgspec.field(default_factory=HealthSettings)
+    auth: AuthSettings = msgspec.field(default_factory=AuthSettings)
+    keys: list[KeySettings] = msgspec.field(default_factory=list)
+    limits: LimitsSettings = msgspec.field(default_factory=LimitsSettings)
     logging: LoggingSettings = msgspec.field(default_factory=LoggingSettings)
 
 
@@ -310,6 +347,18 @@ def _check(settings: Settings, source: str) -> None:
             )
         if backend.token_delay:
             raise ConfigError(f'{source}: key `{key}.token_delay` applies to kind "mock" only; remove it.')
+    names: set[str] = set()
+    for i, key in enumerate(settings.keys):
+        if (key.key is None) == (key.key_sha256 is None):
+            raise ConfigError(
+                f"{source}: key `keys[{i}]` ({key.name}) needs exactly one of `key` (the secret, e.g. "
+                '"${TEAM_KEY}") or `key_sha256` (its SHA-256 in hex).'
+            )
+        if key.key is not None and len(key.key) < 8:
+            raise ConfigError(f"{source}: key `keys[{i}].key` is shorter than 8 characters; use a long random secret.")
+        if key.name in names:
+            raise ConfigError(f"{source}: key `keys[{i}].name`: `{key.name}` is used twice; names must be unique.")
+        names.add(key.name)
     for alias, target in settings.aliases.items():
         if alias == target:
             raise ConfigError(f"{source}: key `aliases.{alias}` points at itself; remove it.")

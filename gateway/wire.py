@@ -63,6 +63,8 @@ class RoutedRequest(Wire):
 
     model: Any = None
     stream: bool | None = None
+    max_tokens: int | None = None
+    max_output_tokens: int | None = None
 
 
 class ChatRequest(Wire):
@@ -75,7 +77,8 @@ class ChatRequest(Wire):
     model: Any = None
     messages: msgspec.Raw = msgspec.Raw()
     stream: bool | None = None
-    stream_options: StreamOptions | None = None
+    # A dict, not a Struct: when the gateway adds include_usage, the client's other options stay.
+    stream_options: dict[str, Any] | None = None
     user: str | None = None
     safety_identifier: str | None = None
     max_tokens: int | None = None

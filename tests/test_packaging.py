@@ -19,7 +19,7 @@ import msgspec
 import pytest
 import yaml
 
-from gateway.settings import BackendSettings, Settings, load_file
+from gateway.settings import BackendSettings, KeySettings, Settings, load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "config").glob("*.toml"))
@@ -106,9 +106,9 @@ def test_gateway_toml_documents_every_key() -> None:
     text = (ROOT / "config" / "gateway.toml").read_text(encoding="utf-8")
     missing = []
     for section in msgspec.structs.fields(Settings):
-        if section.name in ("backends", "aliases"):
-            header = re.escape(f"[[{section.name}]]" if section.name == "backends" else f"[{section.name}]")
-            if not re.search(rf"^{header}", text, re.M):
+        if section.name in ("backends", "keys", "aliases"):
+            header = re.escape(f"[{section.name}]" if section.name == "aliases" else f"[[{section.name}]]")
+            if not re.search(rf"^(# )?{header}", text, re.M):
                 missing.append(section.name)
             continue
         if not re.search(rf"^\[{section.name}\]", text, re.M):
@@ -117,9 +117,10 @@ def test_gateway_toml_documents_every_key() -> None:
         for field in msgspec.structs.fields(section.default_factory):
             if not re.search(rf"^(# )?{field.name} = ", text, re.M):
                 missing.append(f"{section.name}.{field.name}")
-    for field in msgspec.structs.fields(BackendSettings):
-        if not re.search(rf"^#\s+{field.name}\s", text, re.M):
-            missing.append(f"backends.{field.name}")
+    for table, struct in (("backends", BackendSettings), ("keys", KeySettings)):
+        for field in msgspec.structs.fields(struct):
+            if not re.search(rf"^#\s+{field.name}\s", text, re.M):
+                missing.append(f"{table}.{field.name}")
     assert not missing, f"config/gateway.toml does not document: {', '.join(missing)}"
 
 
@@ -127,11 +128,18 @@ def test_gateway_toml_commented_examples_load_once_uncommented(tmp_path: Path) -
     """Uncommenting an example must give a working config, not a typo to debug."""
     text = (ROOT / "config" / "gateway.toml").read_text(encoding="utf-8")
     # One level of `# ` off every line that is TOML: a table header or `key = value`.
-    uncommented = re.sub(r"^# (?=\[\[backends\]\]|[a-z_]+ = )", "", text, flags=re.M)
+    uncommented = re.sub(r"^# (?=\[\[(backends|keys)\]\]|[a-z_]+ = )", "", text, flags=re.M)
     assert uncommented != text
     path = tmp_path / "gateway.toml"
     path.write_text(uncommented, encoding="utf-8")
-    settings = load_file(path, environ={"OPENAI_API_KEY": "sk-example"})
+    settings = load_file(
+        path,
+        environ={
+            "OPENAI_API_KEY": "sk-example",
+            "GATEWAY_MASTER_KEY": "sk-master-example",
+            "TEAM_A_KEY": "sk-team-a-example",
+        },
+    )
     assert {b.kind for b in settings.backends} == {"mock", "vllm", "ollama", "openai"}
     assert settings.redis.url is not None
 

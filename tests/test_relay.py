@@ -290,6 +290,10 @@ async def test_client_leaving_closes_upstream_and_marks_cancelled(httpx_mock: HT
     body = Chunks(chunk("a"), chunk("b"), 5.0, chunk("c"), DONE)
     httpx_mock.add_response(url=URL, stream=body)
     ended: list[Reply] = []
+
+    async def on_end(reply: Reply) -> None:
+        ended.append(reply)
+
     response = await forward(
         route(backend),
         "/chat/completions",
@@ -298,7 +302,7 @@ async def test_client_leaving_closes_upstream_and_marks_cancelled(httpx_mock: HT
         stream=True,
         timeouts=TimeoutSettings(),
         reply=Reply(),
-        on_end=ended.append,
+        on_end=on_end,
     )
     events = response.iterator  # type: ignore[union-attr]
     assert await anext(events) == chunk("a")

@@ -1,0 +1,138 @@
+"""Who is calling: the API key, from ``Authorization: Bearer``, ``api-key`` or ``x-api-key``.
+
+With no keys and no master key configured the gateway runs open: every caller is the ``default``
+tenant, unlimited. Otherwise a request without a known, unexpired key gets 401. A key's record is
+cached in-process for a second, so a revoked virtual key stops working on every replica within a
+second, and authentication rides out a Redis outage on what it has cached.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hmac
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from litestar.connection import ASGIConnection
+from litestar.handlers import BaseRouteHandler
+
+from gateway.errors import AuthenticationFailed, GatewayError, ServiceUnavailable
+from gateway.keys import KeyRecord, KeyStore, hash_key, static_keys
+from gateway.limits import Limits
+from gateway.settings import Settings
+from gateway.stores.base import StoreUnavailable
+
+__all__ = ["Authenticator", "PermissionDenied", "Principal", "authenticate", "require_master"]
+
+log = logging.getLogger("gateway.auth")
+
+_FRESH = 1.0
+"""Seconds a virtual key's record is trusted without asking the store again."""
+_STALE = 300.0
+"""Seconds a cached record still serves while the store is unreachable."""
+
+
+class PermissionDenied(GatewayError):
+    status = 403
+    type = "permission_error"
+    code = "permission_denied"
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    key_id: str
+    name: str
+    tenant: str
+    models: tuple[str, ...]
+    limits: Limits
+    master: bool = False
+
+    def may_use(self, model: str) -> bool:
+        return self.master or any(fnmatch.fnmatchcase(model, pattern) for pattern in self.models)
+
+
+OPEN = Principal(key_id="open", name="open", tenant="default", models=("*",), limits=Limits())
+
+
+class Authenticator:
+    def __init__(self, settings: Settings, store: KeyStore) -> None:
+        self.store = store
+        self.master_key = settings.auth.master_key
+        self._static = static_keys(settings.keys)
+        self.open = not self._static and not self.master_key
+        self._cache: dict[str, tuple[KeyRecord | None, float]] = {}
+
+    async def principal(self, secret: str | None) -> Principal:
+        if self.open:
+            return OPEN
+        if not secret:
+            raise AuthenticationFailed(
+                "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.", code="missing_api_key"
+            )
+        if self.master_key and hmac.compare_digest(secret.encode(), self.master_key.encode()):
+            return Principal(
+                key_id="master", name="master", tenant="default", models=("*",), limits=Limits(), master=True
+            )
+        digest = hash_key(secret)
+        record = self._static.get(digest) or await self._virtual(digest)
+        if record is None:
+            raise AuthenticationFailed("Incorrect API key provided.")
+        if record.expired(time.time()):
+            raise AuthenticationFailed("This API key has expired.", code="expired_api_key")
+        return Principal(
+            key_id=record.id,
+            name=record.name,
+            tenant=record.tenant,
+            models=tuple(record.models),
+            limits=Limits(rpm=record.rpm, tpm=record.tpm, max_parallel=record.max_parallel),
+        )
+
+    async def _virtual(self, digest: str) -> KeyRecord | None:
+        cached = self._cache.get(digest)
+        age = time.monotonic() - cached[1] if cached else None
+        if cached is not None and age is not None and age < _FRESH:
+            return cached[0]
+        try:
+            record = await self.store.by_hash(digest)
+        except StoreUnavailable as exc:
+            if cached is not None and age is not None and age < _STALE:
+                return cached[0]
+            raise ServiceUnavailable(
+                f"API keys cannot be checked right now ({exc}); retry shortly.", code="auth_unavailable"
+            ) from None
+        if len(self._cache) > 10_000:
+            self._cache.clear()  # unknown keys tried at random must not grow it forever
+        self._cache[digest] = (record, time.monotonic())
+        return record
+
+    def forget(self, digest: str) -> None:
+        self._cache.pop(digest, None)
+
+
+def presented_key(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:
+    headers = connection.headers
+    authorization = headers.get("authorization")
+    if authorization:
+        scheme, _, value = authorization.partition(" ")
+        return value.strip() if scheme.lower() == "bearer" else authorization.strip()
+    return headers.get("api-key") or headers.get("x-api-key")
+
+
+async def authenticate(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    """Guard of every API route: the caller's principal and tenant go into the request's state."""
+    principal = await connection.app.state.auth.principal(presented_key(connection))
+    state = connection.scope["state"]
+    state["principal"] = principal
+    state["tenant"] = principal.tenant
+
+
+async def require_master(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
+    """Guard of ``/admin``: the master key only."""
+    auth: Authenticator = connection.app.state.auth
+    if not auth.master_key:
+        raise PermissionDenied("The admin API needs a master key: set [auth] master_key.")
+    await authenticate(connection, handler)
+    if not connection.scope["state"]["principal"].master:
+        raise PermissionDenied("The admin API takes the master key only.")

@@ -1,0 +1,334 @@
+"""Per-key limits: requests and tokens per window, and requests at once.
+
+Rates use GCRA (the generic cell rate algorithm): each limited dimension keeps one number, the
+theoretical arrival time ``tat``. A limit of ``L`` per window ``W`` spends ``W / L`` seconds of it per
+unit (request or token); a request fits while ``tat`` stays within ``W`` of now. That admits a burst of
+``L`` and then one unit every ``W / L`` seconds, which matches a sliding window at its edges and costs
+one number instead of a log of requests.
+
+A request reserves its estimated tokens (prompt estimate + ``max_tokens``, or the configured default)
+at admission; when the reply ends, :meth:`Admission.settle` books the difference to the real usage.
+Concurrency uses leases, a sorted set of in-flight request ids scored by expiry, so a replica that
+dies mid-request cannot leak its slots.
+
+With Redis, admission is one Lua script run on Redis's own clock, so every replica shares one limit
+and concurrent requests cannot overshoot it. Without Redis, or while Redis is unreachable under
+``on_redis_error = "fail_open"``, :class:`MemoryLimiter` applies the same arithmetic per process.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from redis.exceptions import RedisError
+
+from gateway.errors import RateLimited, ServiceUnavailable
+
+__all__ = ["Admission", "Limiter", "Limits", "MemoryLimiter", "RedisLimiter", "gcra", "reset_text"]
+
+log = logging.getLogger("gateway.limits")
+
+# A request's lease on a parallel slot: longer than any request may run (timeouts.total), so it only
+# expires when its replica died without releasing it.
+LEASE_SECONDS = 900.0
+_EPSILON = 1e-6
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    rpm: int = 0
+    tpm: int = 0
+    max_parallel: int = 0
+
+    @property
+    def any(self) -> bool:
+        return bool(self.rpm or self.tpm or self.max_parallel)
+
+
+def gcra(tat: float, now: float, cost: float, limit: int, window: float) -> tuple[bool, float]:
+    """One GCRA step: whether ``cost`` units fit, and the new ``tat`` (unchanged when they do not).
+    A limit of 0 is no limit."""
+    if limit <= 0:
+        return True, tat
+    start = max(tat, now)
+    new = start + cost * window / limit
+    if new - now > window + _EPSILON:
+        return False, tat
+    return True, new
+
+
+def remaining(tat: float, now: float, limit: int, window: float) -> int:
+    """Units still available now."""
+    used = max(0.0, tat - now)
+    return max(0, math.floor((window - used) * limit / window + _EPSILON))
+
+
+def retry_after(tat: float, now: float, cost: float, limit: int, window: float) -> float:
+    """Seconds until ``cost`` units fit (infinite when they never can)."""
+    if cost > limit:
+        return math.inf
+    return max(0.0, max(tat, now) + cost * window / limit - now - window)
+
+
+def reset_text(seconds: float) -> str:
+    """A duration as OpenAI writes ``x-ratelimit-reset-*``: ``20ms``, ``1s``, ``6m0s``."""
+    if seconds < 1:
+        return f"{math.ceil(seconds * 1000)}ms"
+    minutes, rest = divmod(seconds, 60)
+    rest = round(rest, 1)
+    text = f"{rest:g}s"
+    return f"{int(minutes)}m{text}" if minutes >= 1 else text
+
+
+@dataclass(slots=True)
+class State:
+    """What one admission saw: the ``tat`` of each dimension after it, and the clock it read."""
+
+    now: float
+    request_tat: float
+    token_tat: float
+    local: bool = False
+    """Admitted by this process's own limiter (Redis was unreachable); settled there too."""
+
+
+@dataclass(slots=True)
+class Admission:
+    """An admitted request's reservation, settled once when its reply ends."""
+
+    limiter: Limiter
+    key_id: str
+    limits: Limits
+    request_id: str
+    reserved: int
+    window: float
+    state: State
+    settled: bool = field(default=False)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return headers(self.limits, self.state, self.window)
+
+    async def settle(self, used_tokens: int | None) -> None:
+        """Book the real usage (None: keep the estimate) and free the parallel slot."""
+        if self.settled:
+            return
+        self.settled = True
+        delta = 0 if used_tokens is None else used_tokens - self.reserved
+        try:
+            await self.limiter.settle(
+                self.key_id, self.limits, self.request_id, delta, self.window, local=self.state.local
+            )
+        except Exception as exc:
+            # The lease expires on its own; a lost token correction only skews one window.
+            log.warning("could not settle rate limits of request %s: %s", self.request_id, exc)
+
+
+def headers(limits: Limits, state: State, window: float) -> dict[str, str]:
+    out: dict[str, str] = {}
+    if limits.rpm:
+        out["x-ratelimit-limit-requests"] = str(limits.rpm)
+        out["x-ratelimit-remaining-requests"] = str(remaining(state.request_tat, state.now, limits.rpm, window))
+        out["x-ratelimit-reset-requests"] = reset_text(max(0.0, state.request_tat - state.now))
+    if limits.tpm:
+        out["x-ratelimit-limit-tokens"] = str(limits.tpm)
+        out["x-ratelimit-remaining-tokens"] = str(remaining(state.token_tat, state.now, limits.tpm, window))
+        out["x-ratelimit-reset-tokens"] = reset_text(max(0.0, state.token_tat - state.now))
+    return out
+
+
+def _rejection(reason: str, limits: Limits, state: State, window: float, wait: float) -> RateLimited:
+    extra = headers(limits, state, window)
+    if math.isinf(wait):
+        return RateLimited(
+            f"Request too large: it needs more tokens than the key's limit of {limits.tpm} per "
+            f"{window:g} s. Lower max_tokens or shorten the messages.",
+            headers=extra,
+        )
+    extra["retry-after"] = str(max(1, math.ceil(wait)))
+    extra["retry-after-ms"] = str(max(1, math.ceil(wait * 1000)))
+    what = {
+        "rpm": f"{limits.rpm} requests",
+        "tpm": f"{limits.tpm} tokens",
+        "parallel": f"{limits.max_parallel} requests at once",
+    }[reason]
+    when = f"Try again in {wait:.1f} s." if reason != "parallel" else "Try again when one finishes."
+    return RateLimited(
+        f"Rate limit reached: this key may make {what}{'' if reason == 'parallel' else f' per {window:g} s'}. {when}",
+        headers=extra,
+    )
+
+
+class Limiter(Protocol):
+    async def admit(self, key_id: str, limits: Limits, request_id: str, tokens: int, window: float) -> State:
+        """Reserve one request and ``tokens``, or raise :class:`RateLimited`."""
+
+    async def settle(
+        self, key_id: str, limits: Limits, request_id: str, delta: int, window: float, *, local: bool = False
+    ) -> None: ...
+
+
+class MemoryLimiter:
+    """The same arithmetic, in this process only."""
+
+    def __init__(self, clock: Any = time.time) -> None:
+        self._clock = clock
+        self._tats: dict[tuple[str, str], float] = {}
+        self._leases: dict[str, dict[str, float]] = {}
+
+    async def admit(self, key_id: str, limits: Limits, request_id: str, tokens: int, window: float) -> State:
+        now = self._clock()
+        request_tat = self._tats.get((key_id, "r"), now)
+        token_tat = self._tats.get((key_id, "t"), now)
+        state = State(now, request_tat, token_tat)
+        if limits.tpm and tokens > limits.tpm:
+            raise _rejection("tpm", limits, state, window, math.inf)
+        leases = self._leases.setdefault(key_id, {})
+        for member, expiry in list(leases.items()):
+            if expiry <= now:
+                del leases[member]
+        if limits.max_parallel and len(leases) >= limits.max_parallel:
+            raise _rejection("parallel", limits, state, window, 0)
+        ok, new_request_tat = gcra(request_tat, now, 1, limits.rpm, window)
+        if not ok:
+            raise _rejection("rpm", limits, state, window, retry_after(request_tat, now, 1, limits.rpm, window))
+        ok, new_token_tat = gcra(token_tat, now, tokens, limits.tpm, window)
+        if not ok:
+            raise _rejection("tpm", limits, state, window, retry_after(token_tat, now, tokens, limits.tpm, window))
+        if limits.rpm:
+            self._tats[(key_id, "r")] = new_request_tat
+        if limits.tpm:
+            self._tats[(key_id, "t")] = new_token_tat
+        if limits.max_parallel:
+            leases[request_id] = now + LEASE_SECONDS
+        return State(now, new_request_tat, new_token_tat)
+
+    async def settle(
+        self, key_id: str, limits: Limits, request_id: str, delta: int, window: float, *, local: bool = False
+    ) -> None:
+        self._leases.get(key_id, {}).pop(request_id, None)
+        if limits.tpm and delta:
+            now = self._clock()
+            tat = self._tats.get((key_id, "t"), now)
+            self._tats[(key_id, "t")] = max(now, max(tat, now) + delta * window / limits.tpm)
+
+
+# KEYS: request tat, token tat, leases. ARGV: window, rpm, tpm, max_parallel, tokens, request id, lease.
+# Returns {status, wait, now, request tat, token tat} as strings: Redis truncates Lua numbers to
+# integers on the way out. status: 1 admitted, 0 over rpm, -1 over tpm, -2 over max_parallel.
+_ADMIT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local window = tonumber(ARGV[1])
+local rpm, tpm, parallel = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local tokens = tonumber(ARGV[5])
+local rtat = tonumber(redis.call('GET', KEYS[1]) or now)
+local ttat = tonumber(redis.call('GET', KEYS[2]) or now)
+local function out(status, wait, r, k)
+  return {tostring(status), tostring(wait), tostring(now), tostring(r), tostring(k)}
+end
+if tpm > 0 and tokens > tpm then return out(-1, -1, rtat, ttat) end
+if parallel > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+  if redis.call('ZCARD', KEYS[3]) >= parallel then return out(-2, 0, rtat, ttat) end
+end
+local nr, nt = rtat, ttat
+if rpm > 0 then
+  nr = math.max(rtat, now) + window / rpm
+  if nr - now > window + 1e-6 then return out(0, nr - now - window, rtat, ttat) end
+end
+if tpm > 0 then
+  nt = math.max(ttat, now) + tokens * window / tpm
+  if nt - now > window + 1e-6 then return out(-1, nt - now - window, rtat, ttat) end
+end
+if rpm > 0 then redis.call('SET', KEYS[1], tostring(nr), 'PX', math.ceil((nr - now + 1) * 1000)) end
+if tpm > 0 then redis.call('SET', KEYS[2], tostring(nt), 'PX', math.ceil((nt - now + 1) * 1000)) end
+if parallel > 0 then
+  redis.call('ZADD', KEYS[3], now + tonumber(ARGV[7]), ARGV[6])
+  redis.call('PEXPIRE', KEYS[3], math.ceil(tonumber(ARGV[7]) * 1000))
+end
+return out(1, 0, nr, nt)
+"""
+
+# KEYS: token tat, leases. ARGV: request id, token delta, window, tpm.
+_SETTLE = """
+redis.call('ZREM', KEYS[2], ARGV[1])
+local delta, window, tpm = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+if tpm > 0 and delta ~= 0 then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+  local tat = math.max(tonumber(redis.call('GET', KEYS[1]) or now), now)
+  tat = math.max(now, tat + delta * window / tpm)
+  redis.call('SET', KEYS[1], tostring(tat), 'PX', math.ceil((tat - now + 1) * 1000))
+end
+return 1
+"""
+
+_REASONS = {0: "rpm", -1: "tpm", -2: "parallel"}
+
+
+class RedisLimiter:
+    """One limit across every replica that shares the Redis. While Redis is unreachable, admission
+    falls back to ``fallback`` (fail open) or refuses with 503 (fallback None: fail closed)."""
+
+    def __init__(self, redis: Any, *, fallback: MemoryLimiter | None, prefix: str = "gw:rl") -> None:
+        self._redis = redis
+        self._admit = redis.register_script(_ADMIT)
+        self._settle = redis.register_script(_SETTLE)
+        self._fallback = fallback
+        self._prefix = prefix
+        self.degraded: str | None = None
+        """Why Redis failed, while admission runs on the fallback."""
+
+    def _keys(self, key_id: str) -> list[str]:
+        base = f"{self._prefix}:{{{key_id}}}"
+        return [f"{base}:r", f"{base}:t", f"{base}:p"]
+
+    async def admit(self, key_id: str, limits: Limits, request_id: str, tokens: int, window: float) -> State:
+        args = [window, limits.rpm, limits.tpm, limits.max_parallel, tokens, request_id, LEASE_SECONDS]
+        try:
+            status, wait, now, request_tat, token_tat = await self._admit(keys=self._keys(key_id), args=args)
+        except (RedisError, OSError) as exc:
+            return await self._unavailable(exc, key_id, limits, request_id, tokens, window)
+        if self.degraded is not None:
+            log.info("rate limits are back on Redis")
+            self.degraded = None
+        state = State(float(now), float(request_tat), float(token_tat))
+        code = int(status)
+        if code != 1:
+            wait_seconds = float(wait)
+            raise _rejection(_REASONS[code], limits, state, window, math.inf if wait_seconds < 0 else wait_seconds)
+        return state
+
+    async def _unavailable(
+        self, exc: Exception, key_id: str, limits: Limits, request_id: str, tokens: int, window: float
+    ) -> State:
+        if self.degraded is None:
+            log.warning(
+                "rate limits cannot reach Redis (%s): %s",
+                exc,
+                "admitting on this process's own limits" if self._fallback else "refusing requests",
+            )
+        self.degraded = str(exc) or type(exc).__name__
+        if self._fallback is None:
+            raise ServiceUnavailable(
+                "Rate limits cannot be checked right now, and this gateway refuses requests then "
+                '([limits] on_redis_error = "fail_closed"). Retry shortly.',
+                code="rate_limits_unavailable",
+            ) from None
+        state = await self._fallback.admit(key_id, limits, request_id, tokens, window)
+        state.local = True
+        return state
+
+    async def settle(
+        self, key_id: str, limits: Limits, request_id: str, delta: int, window: float, *, local: bool = False
+    ) -> None:
+        if local:
+            assert self._fallback is not None
+            await self._fallback.settle(key_id, limits, request_id, delta, window)
+            return
+        keys = self._keys(key_id)
+        await self._settle(keys=[keys[1], keys[2]], args=[request_id, delta, window, limits.tpm])

@@ -1,0 +1,100 @@
+"""Usage per key, per model, per day (UTC): requests, prompt and completion tokens.
+
+Redis: one hash a day, ``gw:usage:{day}``, fields ``{key_id}|{model}|{measure}`` counted with
+HINCRBY, and ``gw:usage:names`` mapping key ids to names; kept for ``[history] ttl_days``. A count
+lost while Redis is down is logged, not retried: usage is reporting, not billing.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from typing import Any, Protocol
+
+from redis.exceptions import RedisError
+
+__all__ = ["MemoryUsage", "RedisUsage", "UsageBook", "day_of"]
+
+log = logging.getLogger("gateway.usage")
+
+_MEASURES = ("requests", "prompt_tokens", "completion_tokens")
+
+
+def day_of(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime(timestamp))
+
+
+class UsageBook(Protocol):
+    async def add(self, key_id: str, key_name: str, model: str, prompt: int, completion: int) -> None: ...
+
+    async def rows(self, *, key_id: str | None = None, day: str | None = None) -> list[dict[str, Any]]: ...
+
+
+def _rows(
+    counts: dict[tuple[str, str, str], dict[str, int]], names: dict[str, str], key_id: str | None, day: str | None
+) -> list[dict[str, Any]]:
+    rows = []
+    for (row_day, row_key, model), measures in sorted(counts.items()):
+        if (key_id is None or row_key == key_id) and (day is None or row_day == day):
+            rows.append(
+                {
+                    "key_id": row_key,
+                    "key_name": names.get(row_key, row_key),
+                    "model": model,
+                    "day": row_day,
+                    **{m: measures.get(m, 0) for m in _MEASURES},
+                }
+            )
+    return rows
+
+
+class MemoryUsage:
+    def __init__(self) -> None:
+        self._counts: dict[tuple[str, str, str], dict[str, int]] = collections.defaultdict(dict)
+        self._names: dict[str, str] = {}
+
+    async def add(self, key_id: str, key_name: str, model: str, prompt: int, completion: int) -> None:
+        row = self._counts[(day_of(time.time()), key_id, model)]
+        for measure, value in zip(_MEASURES, (1, prompt, completion), strict=True):
+            row[measure] = row.get(measure, 0) + value
+        self._names[key_id] = key_name
+
+    async def rows(self, *, key_id: str | None = None, day: str | None = None) -> list[dict[str, Any]]:
+        return _rows(self._counts, self._names, key_id, day)
+
+
+class RedisUsage:
+    def __init__(self, redis: Any, *, ttl_seconds: float | None, prefix: str = "gw:usage") -> None:
+        self._redis = redis
+        self._ttl = int(ttl_seconds) if ttl_seconds else None
+        self._prefix = prefix
+
+    async def add(self, key_id: str, key_name: str, model: str, prompt: int, completion: int) -> None:
+        day = day_of(time.time())
+        key = f"{self._prefix}:{day}"
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for measure, value in zip(_MEASURES, (1, prompt, completion), strict=True):
+                    pipe.hincrby(key, f"{key_id}|{model}|{measure}", value)
+                pipe.hset(f"{self._prefix}:names", key_id, key_name)
+                pipe.sadd(f"{self._prefix}:days", day)
+                if self._ttl:
+                    pipe.expire(key, self._ttl)
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            log.warning("usage of key %s not counted: %s", key_name, exc)
+
+    async def rows(self, *, key_id: str | None = None, day: str | None = None) -> list[dict[str, Any]]:
+        days = [day] if day else sorted(_text(d) for d in await self._redis.smembers(f"{self._prefix}:days"))
+        counts: dict[tuple[str, str, str], dict[str, int]] = collections.defaultdict(dict)
+        for row_day in days:
+            for field, value in (await self._redis.hgetall(f"{self._prefix}:{row_day}")).items():
+                row_key, model, measure = _text(field).rsplit("|", 2)
+                counts[(row_day, row_key, model)][measure] = int(value)
+        names = {_text(k): _text(v) for k, v in (await self._redis.hgetall(f"{self._prefix}:names")).items()}
+        return _rows(counts, names, key_id, day)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

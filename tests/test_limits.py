@@ -1,0 +1,202 @@
+"""Rate-limit arithmetic (property tests), and both limiters held to one contract on a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.errors import RateLimited, ServiceUnavailable
+from gateway.limits import Limits, MemoryLimiter, RedisLimiter, gcra, remaining, reset_text, retry_after
+from tests.conftest import RedisServer, free_port
+
+WINDOW = 60.0
+
+
+@given(limit=st.integers(1, 500), arrivals=st.lists(st.floats(0, 300, allow_nan=False), max_size=400))
+def test_never_more_than_the_limit_in_any_window(limit: int, arrivals: list[float]) -> None:
+    """Whatever the arrival pattern, no window of W seconds admits more than the limit (plus the one
+    unit GCRA's leaky bucket lets through at a window's very edge)."""
+    tat, admitted = 0.0, []
+    for now in sorted(arrivals):
+        ok, tat = gcra(tat, now, 1, limit, WINDOW)
+        if ok:
+            admitted.append(now)
+    for start in admitted:
+        inside = [t for t in admitted if start <= t < start + WINDOW]
+        assert len(inside) <= limit + 1
+
+
+@given(limit=st.integers(1, 1000), burst=st.integers(1, 2000))
+def test_a_burst_admits_exactly_the_limit(limit: int, burst: int) -> None:
+    tat, admitted = 0.0, 0
+    for _ in range(burst):
+        ok, tat = gcra(tat, 100.0, 1, limit, WINDOW)
+        admitted += ok
+    assert admitted == min(limit, burst)
+
+
+@given(limit=st.integers(1, 10_000), cost=st.integers(1, 10_000), used=st.floats(0, WINDOW, allow_nan=False))
+def test_retry_after_is_exactly_when_it_fits(limit: int, cost: int, used: float) -> None:
+    now = 1000.0
+    tat = now + used
+    wait = retry_after(tat, now, cost, limit, WINDOW)
+    if cost > limit:
+        assert math.isinf(wait)
+        return
+    assert gcra(tat, now + wait + 1e-6, cost, limit, WINDOW)[0]
+    if wait > 1e-3:
+        assert not gcra(tat, now + wait - 1e-3, cost, limit, WINDOW)[0]
+
+
+@given(limit=st.integers(1, 1000), taken=st.integers(0, 1000))
+def test_remaining_counts_down_from_the_limit(limit: int, taken: int) -> None:
+    tat = 0.0
+    for _ in range(taken):
+        tat = gcra(tat, 0.0, 1, limit, WINDOW)[1]
+    assert remaining(tat, 0.0, limit, WINDOW) == max(0, limit - taken)
+
+
+def test_unlimited_is_unlimited() -> None:
+    assert gcra(5.0, 0.0, 10**9, 0, WINDOW) == (True, 5.0)
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"), [(0.02, "20ms"), (1, "1s"), (59.25, "59.2s"), (360, "6m0s"), (61.5, "1m1.5s")]
+)
+def test_reset_written_like_openai(seconds: float, text: str) -> None:
+    assert reset_text(seconds) == text
+
+
+# --- both limiters, one contract ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def redis_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def limiter(request: pytest.FixtureRequest) -> AsyncIterator[MemoryLimiter | RedisLimiter]:
+    if request.param == "memory":
+        yield MemoryLimiter()
+        return
+    server: RedisServer = request.getfixturevalue("redis_module")
+    server.flush()
+    client = redis.asyncio.Redis.from_url(server.url)
+    yield RedisLimiter(client, fallback=None)
+    await client.aclose()
+
+
+async def admit_many(
+    limiter: MemoryLimiter | RedisLimiter, limits: Limits, n: int, tokens: int = 1, window: float = WINDOW
+) -> list[bool]:
+    async def one(i: int) -> bool:
+        try:
+            await limiter.admit("k", limits, f"r{i}", tokens, window)
+        except RateLimited:
+            return False
+        return True
+
+    return await asyncio.gather(*(one(i) for i in range(n)))
+
+
+async def test_fifty_concurrent_against_ten_admit_exactly_ten(limiter: MemoryLimiter | RedisLimiter) -> None:
+    assert sum(await admit_many(limiter, Limits(rpm=10), 50)) == 10
+
+
+async def test_rejection_says_when_to_retry(limiter: MemoryLimiter | RedisLimiter) -> None:
+    await admit_many(limiter, Limits(rpm=2), 2)
+    with pytest.raises(RateLimited) as info:
+        await limiter.admit("k", Limits(rpm=2), "late", 1, WINDOW)
+    headers = info.value.headers
+    assert 29 <= int(headers["retry-after"]) <= 31  # one request frees every 30 s
+    assert headers["x-ratelimit-remaining-requests"] == "0" and headers["x-ratelimit-limit-requests"] == "2"
+
+
+async def test_tokens_reserved_then_admitted_after_the_window(limiter: MemoryLimiter | RedisLimiter) -> None:
+    limits = Limits(tpm=100)
+    await limiter.admit("k", limits, "a", 80, 1.0)
+    with pytest.raises(RateLimited) as info:
+        await limiter.admit("k", limits, "b", 50, 1.0)
+    assert "tokens" in info.value.message
+    await asyncio.sleep(float(info.value.headers["retry-after-ms"]) / 1000 + 0.05)
+    await limiter.admit("k", limits, "b", 50, 1.0)
+
+
+async def test_request_larger_than_the_limit_is_refused_for_good(limiter: MemoryLimiter | RedisLimiter) -> None:
+    with pytest.raises(RateLimited) as info:
+        await limiter.admit("k", Limits(tpm=100), "big", 101, WINDOW)
+    assert "too large" in info.value.message and "retry-after" not in info.value.headers
+
+
+async def test_settling_gives_back_unused_tokens(limiter: MemoryLimiter | RedisLimiter) -> None:
+    limits = Limits(tpm=100)
+    await limiter.admit("k", limits, "a", 90, WINDOW)
+    await limiter.settle("k", limits, "a", -80, WINDOW)  # the reply used 10 of its 90
+    await limiter.admit("k", limits, "b", 85, WINDOW)
+
+
+async def test_settling_charges_overuse(limiter: MemoryLimiter | RedisLimiter) -> None:
+    limits = Limits(tpm=100)
+    await limiter.admit("k", limits, "a", 10, WINDOW)
+    await limiter.settle("k", limits, "a", 80, WINDOW)  # the reply used 90, not 10
+    with pytest.raises(RateLimited):
+        await limiter.admit("k", limits, "b", 20, WINDOW)
+
+
+async def test_parallel_slots_held_until_settled(limiter: MemoryLimiter | RedisLimiter) -> None:
+    limits = Limits(max_parallel=2)
+    assert await admit_many(limiter, limits, 3) == [True, True, False]
+    await limiter.settle("k", limits, "r0", 0, WINDOW)
+    await limiter.admit("k", limits, "again", 1, WINDOW)
+
+
+async def test_keys_are_independent(limiter: MemoryLimiter | RedisLimiter) -> None:
+    await limiter.admit("a", Limits(rpm=1), "1", 1, WINDOW)
+    await limiter.admit("b", Limits(rpm=1), "2", 1, WINDOW)
+    with pytest.raises(RateLimited):
+        await limiter.admit("a", Limits(rpm=1), "3", 1, WINDOW)
+
+
+@settings(max_examples=15, deadline=None)
+@given(rpm=st.integers(1, 20), n=st.integers(1, 40))
+def test_redis_and_memory_agree_on_bursts(redis_module: RedisServer, rpm: int, n: int) -> None:
+    async def both() -> tuple[int, int]:
+        redis_module.flush()
+        client = redis.asyncio.Redis.from_url(redis_module.url)
+        try:
+            remote = sum(await admit_many(RedisLimiter(client, fallback=None), Limits(rpm=rpm), n))
+        finally:
+            await client.aclose()
+        return remote, sum(await admit_many(MemoryLimiter(), Limits(rpm=rpm), n))
+
+    remote, local = asyncio.run(both())
+    assert remote == local == min(n, rpm)
+
+
+async def test_redis_down_fails_open_on_the_local_limiter(tmp_path: Path) -> None:
+    client = redis.asyncio.Redis(port=free_port(), socket_connect_timeout=0.2)
+    limiter = RedisLimiter(client, fallback=MemoryLimiter())
+    state = await limiter.admit("k", Limits(rpm=1), "a", 1, WINDOW)
+    assert state.local and limiter.degraded
+    with pytest.raises(RateLimited):  # still limited, per process
+        await limiter.admit("k", Limits(rpm=1), "b", 1, WINDOW)
+    await limiter.settle("k", Limits(rpm=1), "a", 0, WINDOW, local=True)
+    await client.aclose()
+
+
+async def test_redis_down_fails_closed_with_503() -> None:
+    client = redis.asyncio.Redis(port=free_port(), socket_connect_timeout=0.2)
+    with pytest.raises(ServiceUnavailable) as info:
+        await RedisLimiter(client, fallback=None).admit("k", Limits(rpm=1), "a", 1, WINDOW)
+    assert info.value.code == "rate_limits_unavailable"
+    await client.aclose()
