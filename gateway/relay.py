@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import anyio
@@ -108,6 +109,7 @@ async def _unary(
     on_end: OnEnd | None,
     headers: dict[str, str] | None,
 ) -> Response[bytes]:
+    sent = time.monotonic()
     try:
         async with asyncio.timeout(timeouts.total):
             response = await open_response(
@@ -127,6 +129,9 @@ async def _unary(
         raise UpstreamTimeout(f"Backend `{backend.name}` did not answer within {timeouts.total:g} s.") from None
     background = None
     if reply is not None:
+        reply.backend = backend.name
+        reply.upstream_time += time.monotonic() - sent
+        reply.first_token = time.monotonic() - reply.started
         try:
             reply.observe_completion(decode_completion(content))
         except msgspec.DecodeError:
@@ -153,6 +158,7 @@ class StreamRelay:
         "_failure",
         "_finished",
         "_hide_usage",
+        "_last",
         "_on_end",
         "_response",
         "_responses_api",
@@ -174,6 +180,7 @@ class StreamRelay:
         self._backend = backend
         self._hide_usage = hide_usage
         self._finished = False
+        self._last = 0.0
         self.reply = reply if reply is not None else Reply()
         self._responses_api = responses_api
         self._timeouts = timeouts
@@ -191,6 +198,8 @@ class StreamRelay:
         Raises a gateway error (nothing has been sent to the client yet) when that fails."""
         loop = asyncio.get_running_loop()
         self._deadline = loop.time() + self._timeouts.total
+        self.reply.backend = self._backend.name
+        sent = time.monotonic()
         try:
             async with asyncio.timeout(self._timeouts.first_token):
                 self._response = await open_response(
@@ -205,6 +214,9 @@ class StreamRelay:
                 with upstream_errors(self._backend.name):
                     async for chunk in self._chunks:
                         if out := self._take(chunk):
+                            now = time.monotonic()
+                            self.reply.upstream_time += now - sent
+                            self.reply.first_token = self._last = now - self.reply.started
                             return out
                         if self._failure is not None:
                             raise UpstreamProtocolError(f"Backend `{self._backend.name}`: {self._failure.message}")
@@ -225,6 +237,7 @@ class StreamRelay:
             assert self._chunks is not None
             loop = asyncio.get_running_loop()
             while not reply.done and self._failure is None:
+                waited = time.monotonic()
                 try:
                     chunk = await anext(self._chunks)
                 except StopAsyncIteration:
@@ -236,7 +249,12 @@ class StreamRelay:
                 except httpx.HTTPError as exc:
                     self._fail("upstream_disconnected", f"The upstream connection failed mid-stream: {exc!s}")
                     break
+                now = time.monotonic()
+                reply.upstream_time += now - waited
                 if out := self._take(chunk):
+                    since = now - reply.started
+                    reply.gaps.append(since - self._last)
+                    self._last = since
                     yield out
                 if loop.time() > self._deadline and not reply.done:
                     self._fail("total_timeout", f"The reply took longer than {self._timeouts.total:g} s.")

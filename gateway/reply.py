@@ -5,6 +5,7 @@ charge it; the client receives the upstream's bytes, never this.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import msgspec
@@ -44,9 +45,35 @@ class _Choice:
 
 
 class Reply:
-    __slots__ = ("_choices", "created", "done", "error", "id", "model", "usage")
+    __slots__ = (
+        "_choices",
+        "backend",
+        "created",
+        "done",
+        "error",
+        "first_token",
+        "gaps",
+        "id",
+        "model",
+        "retries",
+        "started",
+        "upstream_time",
+        "usage",
+    )
 
     def __init__(self) -> None:
+        # How the reply came about, for logs and metrics; the relay fills these in.
+        self.started = time.monotonic()
+        self.backend: str | None = None
+        """The backend that answered (the last one tried)."""
+        self.retries = 0
+        """Attempts beyond the first: retries on the same backend and failovers to others."""
+        self.first_token: float | None = None
+        """Seconds from ``started`` to the first event forwarded (or the whole body, non-streamed)."""
+        self.gaps: list[float] = []
+        """Seconds between consecutive forwarded stream chunks."""
+        self.upstream_time = 0.0
+        """Seconds spent waiting on the upstream (send to last byte): the rest is the gateway's own."""
         self.id: str | None = None
         self.model: str | None = None
         self.created: int | None = None

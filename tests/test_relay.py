@@ -120,6 +120,9 @@ async def test_stream_relayed_byte_for_byte_and_observed(httpx_mock: HTTPXMock, 
     assert reply.finish_reason() == "tool_calls"
     assert reply.usage is not None and reply.usage.total_tokens == 5
     assert backend.in_flight == 0
+    assert reply.backend == "up" and reply.retries == 0
+    assert reply.first_token is not None and 0 <= reply.first_token <= reply.upstream_time + 0.05
+    assert len(reply.gaps) == len(parts) - 1 and all(gap >= 0 for gap in reply.gaps)
 
 
 async def test_request_body_sent_unchanged_with_request_id(httpx_mock: HTTPXMock, backend: Backend) -> None:
