@@ -3,6 +3,7 @@ parse -> access -> route -> history -> limits -> forward (upstream and relay) ->
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 from litestar import Request, Response, get, post
@@ -10,15 +11,15 @@ from litestar.datastructures import State
 from litestar.response import Stream
 
 from gateway.auth import Principal
-from gateway.errors import GatewayError, ModelNotFound
+from gateway.errors import GatewayError, ModelNotFound, RateLimited
 from gateway.history import Turn, new_conversation, scope_of
 from gateway.limits import Admission
-from gateway.relay import forward
+from gateway.relay import Resume, StreamRelay, forward
 from gateway.reply import Reply
 from gateway.request import decode_body, parse_chat, parse_routed, request_id
 from gateway.routing import Route, listed_models, resolve
 from gateway.stores.base import Scope
-from gateway.wire import LegacyChat, ModelCard, ModelList, encode, rewrite_fields
+from gateway.wire import REMOVE, LegacyChat, ModelCard, ModelList, encode
 
 __all__ = ["handlers", "legacy_chat"]
 
@@ -31,7 +32,15 @@ def _route(state: State, principal: Principal, model: str) -> Route:
     # A model the key may not use is "not found", so a key learns nothing about what else is served.
     if not principal.may_use(model):
         raise ModelNotFound(model)
-    return resolve(model, state.backends, state.settings.aliases)
+    return resolve(model, state.backends, state.settings.aliases, state.fallbacks)
+
+
+def _note(request: Request, route: Route, *, stream: bool, user: str | None = None) -> dict[str, Any]:
+    """What the request is about, kept in its scope for its access line, metrics and span
+    (gateway/observe.py); ``_forward`` adds the reply."""
+    noted: dict[str, Any] = request.scope["state"]
+    noted.update(model=route.model, backend=route.backends[0].name, stream=stream, user=user)
+    return noted
 
 
 @post("/chat/completions", status_code=200)
@@ -43,12 +52,25 @@ async def _chat(request: Request, state: State, body: bytes) -> Response[bytes] 
     chat = parse_chat(body)
     principal = principal_of(request)
     route = _route(state, principal, chat.model)
+    noted = _note(request, route, stream=bool(chat.stream), user=chat.user or chat.safety_identifier)
     rid = request_id(request)
-    turn = await state.history.begin(
-        scope_of(request, chat.user or chat.safety_identifier), chat, model=route.model, request_id=rid
-    )
+    scope = scope_of(request, chat.user or chat.safety_identifier)
+    turn = await state.history.begin(scope, chat, model=route.model, request_id=rid)
     changes = turn.body_changes()
     stream = bool(chat.stream)
+    if chat.background is not None:
+        changes["background"] = REMOVE  # the gateway's to act on, not the upstream's
+    resume: Resume | None = None
+    if stream and (
+        turn.conversation is not None
+        or chat.background
+        or request.headers.get("x-resumable", "").lower() == "true"
+        or state.settings.resumable.always
+    ):
+
+        async def resume(relay: StreamRelay, first: list[bytes]) -> AsyncIterator[bytes]:
+            return await state.generations.start(relay, first, scope)
+
     client_wants_usage = bool(chat.stream_options and chat.stream_options.get("include_usage"))
     hide_usage = stream and state.accounting and not client_wants_usage
     if hide_usage:
@@ -60,13 +82,16 @@ async def _chat(request: Request, state: State, body: bytes) -> Response[bytes] 
         state,
         route,
         "/chat/completions",
-        _for_backend(body, route, changes),
+        body,
         rid,
         stream,
         principal,
         admission,
+        changes=changes,
         turn=turn,
         hide_usage=hide_usage,
+        noted=noted,
+        resume=resume,
     )
 
 
@@ -75,17 +100,22 @@ async def _relay_as_is(request: Request, state: State, path: str) -> Response[by
     routed = parse_routed(body)
     principal = principal_of(request)
     route = _route(state, principal, routed.model)
+    noted = _note(request, route, stream=bool(routed.stream))
     rid = request_id(request)
     reserve = (len(body) + 3) // 4 + (routed.max_tokens or routed.max_output_tokens or 0)
     admission = await _admit(state, principal, rid, reserve)
-    return await _forward(state, route, path, _for_backend(body, route), rid, bool(routed.stream), principal, admission)
+    return await _forward(state, route, path, body, rid, bool(routed.stream), principal, admission, noted=noted)
 
 
 async def _admit(state: State, principal: Principal, rid: str, tokens: int) -> Admission | None:
     if not principal.limits.any:
         return None
     window = state.settings.limits.window
-    limit_state = await state.limiter.admit(principal.key_id, principal.limits, rid, tokens, window)
+    try:
+        limit_state = await state.limiter.admit(principal.key_id, principal.limits, rid, tokens, window)
+    except RateLimited:
+        state.metrics.rate_limited(principal.name)
+        raise
     return Admission(state.limiter, principal.key_id, principal.limits, rid, tokens, window, limit_state)
 
 
@@ -99,13 +129,21 @@ async def _forward(
     principal: Principal,
     admission: Admission | None,
     *,
+    changes: dict[str, Any] | None = None,
     turn: Turn | None = None,
     hide_usage: bool = False,
+    noted: dict[str, Any] | None = None,
+    resume: Resume | None = None,
 ) -> Response[bytes] | Stream:
     headers = admission.headers if admission is not None else None
+    reply = Reply()
+    if noted is not None:
+        noted["reply"] = reply
+    span = state.tracing.upstream(route.model, path, route.backends[0].name)
 
     async def finish(reply: Reply) -> None:
         """After the reply: charge its real tokens, count its usage, record it."""
+        span.end(reply)
         usage = reply.usage
         if admission is not None:
             await admission.settle(usage.prompt_tokens + usage.completion_tokens if usage else None)
@@ -121,18 +159,21 @@ async def _forward(
             turn.finish(reply)
 
     try:
-        return await forward(
-            route,
-            path,
-            body,
-            request_id=rid,
-            stream=stream,
-            timeouts=state.settings.timeouts,
-            reply=Reply(),
-            on_end=finish,
-            hide_usage=hide_usage,
-            headers=headers,
-        )
+        with span.current():  # the upstream request carries this span's traceparent
+            return await forward(
+                route,
+                path,
+                body,
+                request_id=rid,
+                stream=stream,
+                settings=state.settings,
+                changes=changes,
+                reply=reply,
+                on_end=finish,
+                hide_usage=hide_usage,
+                headers=headers,
+                resume=resume,
+            )
     except GatewayError as exc:
         if admission is not None:
             await admission.settle(0)  # nothing was generated: give the tokens back, free the slot
@@ -202,15 +243,6 @@ async def legacy_chat(request: Request, state: State) -> Response[bytes] | Strea
         }
     )
     return await _chat(request, state, body)
-
-
-def _for_backend(body: bytes, route: Route, changes: dict[str, Any] | None = None) -> bytes:
-    """The body the backend gets: the client's bytes, with an alias replaced by the served name and
-    whatever else a step changed. Untouched fields keep their exact bytes."""
-    changes = dict(changes or {})
-    if route.aliased:
-        changes["model"] = route.served
-    return rewrite_fields(body, changes) if changes else body
 
 
 handlers = [chat_completions, completions, embeddings, responses, list_models, retrieve_model]

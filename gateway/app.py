@@ -15,20 +15,25 @@ from httpx_aiohttp import AiohttpTransport
 from litestar import Litestar, Router
 from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
+from prometheus_client import CollectorRegistry
 
-from gateway import admin_api, api, history_api, probes
+from gateway import admin_api, api, history_api, probes, resumable, websocket
 from gateway.auth import Authenticator, authenticate
-from gateway.backends import build_backends, discover_all, discover_forever
+from gateway.backends import build_backends, check_forever, discover_all, discover_forever
 from gateway.errors import exception_handlers
 from gateway.history import History
 from gateway.keys import MemoryKeyStore, RedisKeyStore
 from gateway.limits import MemoryLimiter, RedisLimiter
+from gateway.metrics import Metrics, scrape
+from gateway.observe import Observer
 from gateway.playground import playground
 from gateway.request import add_request_id
+from gateway.resumable import Generations, MemoryLog, RedisLog
 from gateway.settings import Settings
-from gateway.stores.base import HistoryStore
+from gateway.stores.base import HistoryStore, StoreUnavailable
 from gateway.stores.memory import MemoryStore
 from gateway.stores.redis import RedisStore
+from gateway.tracing import Tracing
 from gateway.usage import MemoryUsage, RedisUsage
 
 __all__ = ["create_app", "default_http_client"]
@@ -61,10 +66,23 @@ def _history_store(settings: Settings, redis: Any) -> HistoryStore:
     return MemoryStore(ttl_seconds=ttl, max_items=settings.history.max_items)
 
 
+class _CountedKeyStore(RedisKeyStore):
+    """Counts the key lookups Redis failed, for ``gateway_redis_errors_total{component="auth"}``."""
+
+    redis_errors = 0
+
+    async def by_hash(self, digest: str) -> Any:
+        try:
+            return await super().by_hash(digest)
+        except StoreUnavailable:
+            self.redis_errors += 1
+            raise
+
+
 def _access(state: State, settings: Settings) -> None:
     """Keys, limits and usage: in Redis when there is one, so they hold across replicas."""
     redis = state.redis
-    state.auth = Authenticator(settings, RedisKeyStore(redis) if redis is not None else MemoryKeyStore())
+    state.auth = Authenticator(settings, _CountedKeyStore(redis) if redis is not None else MemoryKeyStore())
     local = MemoryLimiter()
     if redis is None:
         state.limiter = local
@@ -83,9 +101,27 @@ def _access(state: State, settings: Settings) -> None:
         )
 
 
-def create_app(settings: Settings, *, http: httpx.AsyncClient | None = None, redis: Any = None) -> Litestar:
+def _generations(settings: Settings, redis: Any) -> Generations:
+    options = settings.resumable
+    events = (
+        RedisLog(redis, ttl=options.ttl, max_events=options.max_events) if redis is not None else MemoryLog(options.ttl)
+    )
+    return Generations(events, redis, idle=settings.timeouts.idle)
+
+
+def create_app(
+    settings: Settings,
+    *,
+    http: httpx.AsyncClient | None = None,
+    redis: Any = None,
+    metrics: Metrics | None = None,
+    tracing: Tracing | None = None,
+) -> Litestar:
     """The gateway as an ASGI app. ``http`` and ``redis``, when given, are used as they are and left
-    open: whoever made them closes them."""
+    open: whoever made them closes them. ``metrics`` defaults to a registry of the app's own, and
+    ``tracing`` to off."""
+    metrics = metrics if metrics is not None else Metrics(CollectorRegistry())
+    tracing = tracing if tracing is not None else Tracing(None)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -99,32 +135,47 @@ def create_app(settings: Settings, *, http: httpx.AsyncClient | None = None, red
             for backend in backends:
                 if backend.client is not client:
                     stack.push_async_callback(backend.client.aclose)
+                tracing.instrument_http(backend.client)
             app.state.redis = redis
             if redis is None and settings.redis.url:
                 app.state.redis = _redis_client(settings.redis.url)
                 stack.push_async_callback(app.state.redis.aclose)
+            tracing.instrument_redis(app.state.redis)
             app.state.history = history = History(_history_store(settings, app.state.redis), settings.history)
             _access(app.state, settings)
+            app.state.generations = generations = _generations(settings, app.state.redis)
             await discover_all(backends, timeout=settings.timeouts.connect)
             tasks = [
                 asyncio.create_task(discover_forever(backends, settings.discovery.interval, settings.timeouts.connect)),
                 asyncio.create_task(history.run()),
+                asyncio.create_task(check_forever(backends, settings.health.interval, settings.timeouts.connect)),
+                asyncio.create_task(generations.listen()),
             ]
+            if metrics.multiprocess_dir is not None:
+                tasks.append(asyncio.create_task(metrics.sample_forever(app.state)))
+                stack.callback(metrics.process_exited)
             for task in tasks:
                 stack.callback(task.cancel)
             # Runs first on the way out: records of the last replies get written before the writer stops.
             stack.push_async_callback(history.drain, _HISTORY_DRAIN_SECONDS)
+            # ... and before that, resumable generations get the grace period; then they stop, readable.
+            stack.push_async_callback(generations.shutdown, settings.shutdown.grace_period)
             yield
 
     cors = settings.server.cors_origins
-    return Litestar(
+    app = Litestar(
         route_handlers=[
-            Router(path="/v1", route_handlers=[*api.handlers, *history_api.handlers], guards=[authenticate]),
+            Router(
+                path="/v1",
+                route_handlers=[*api.handlers, *history_api.handlers, *resumable.handlers, websocket.chat_socket],
+                guards=[authenticate],
+            ),
             Router(path="/", route_handlers=[api.legacy_chat], guards=[authenticate]),
             admin_api.router,
             playground,
             probes.health,
             probes.ready,
+            scrape,
         ],
         lifespan=[lifespan],
         exception_handlers=exception_handlers,  # type: ignore[arg-type]
@@ -134,5 +185,20 @@ def create_app(settings: Settings, *, http: httpx.AsyncClient | None = None, red
         openapi_config=None,
         # The CLI configures logging; Litestar's default config would replace it.
         logging_config=None,
-        state=State({"settings": settings, "started_at": int(time.time()), "redis": None, "backends": []}),
+        state=State(
+            {
+                "settings": settings,
+                "started_at": int(time.time()),
+                "redis": None,
+                "backends": [],
+                "fallbacks": {model.name: model.fallbacks for model in settings.models},
+                # Set on SIGTERM: /ready answers 503 while in-flight requests finish.
+                "draining": False,
+                "metrics": metrics,
+                "tracing": tracing,
+            }
+        ),
     )
+    # Around Litestar's whole handler, routing included, so 404s are counted and logged too.
+    app.asgi_handler = Observer(app.asgi_handler, metrics, tracing, log_bodies=settings.logging.log_bodies)
+    return app

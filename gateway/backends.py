@@ -1,4 +1,12 @@
-"""Backends: the servers that answer model requests, and how the gateway learns what they serve.
+"""Backends: the servers that answer model requests, what the gateway knows of their health, and how
+it learns what they serve.
+
+Health has two sources. Active checks run in the background, per kind (vLLM ``GET /health``, Ollama
+``GET /api/version``, other OpenAI-compatible servers ``GET /models``; the mock is always healthy),
+and set ``up``. Passive checks are a circuit breaker fed by real requests: ``failure_threshold``
+failures in a row (connect errors, 5xx, timeouts) eject the backend for ``cooldown`` seconds, after
+which a single trial request is let through; its success closes the breaker, its failure ejects the
+backend again.
 
 A backend of kind ``vllm``, ``ollama`` or ``openai`` is reached over HTTP through the app's shared
 client; a ``mock`` backend gets a client of its own whose transport is the built-in model
@@ -9,15 +17,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Iterable
 
 import httpx
 import msgspec
 
 from gateway.mock import MockModelTransport
-from gateway.settings import BackendSettings, Settings
+from gateway.settings import BackendSettings, Settings, TimeoutSettings
 
-__all__ = ["Backend", "build_backends", "discover", "discover_forever"]
+__all__ = ["Backend", "build_backends", "check", "check_forever", "discover", "discover_all", "discover_forever"]
 
 log = logging.getLogger("gateway.backends")
 
@@ -41,6 +50,9 @@ class Backend:
         "base_url",
         "client",
         "discovers",
+        "ejected_until",
+        "ejections",
+        "failures",
         "headers",
         "in_flight",
         "kind",
@@ -49,11 +61,15 @@ class Backend:
         "patterns",
         "reason",
         "settings",
+        "timeouts",
+        "trial",
         "up",
         "weight",
     )
 
-    def __init__(self, settings: BackendSettings, client: httpx.AsyncClient) -> None:
+    def __init__(
+        self, settings: BackendSettings, client: httpx.AsyncClient, timeouts: TimeoutSettings | None = None
+    ) -> None:
         self.settings = settings
         self.name = settings.name
         self.kind = settings.kind
@@ -61,6 +77,8 @@ class Backend:
         self.client = client
         self.base_url = (settings.base_url or f"http://{settings.name}.mock/v1").rstrip("/")
         self.headers = {"authorization": f"Bearer {settings.api_key}"} if settings.api_key else {}
+        defaults = timeouts or TimeoutSettings()
+        self.timeouts = settings.timeouts.over(defaults) if settings.timeouts else defaults
         configured = settings.models
         if configured is None and settings.kind == "mock":
             configured = ["mock"]
@@ -75,6 +93,47 @@ class Backend:
         # A backend that discovers its models is down until the first discovery succeeds.
         self.up = not self.discovers
         self.reason: str | None = "models not discovered yet" if self.discovers else None
+        # The circuit breaker.
+        self.failures = 0
+        self.ejected_until = 0.0
+        self.ejections = 0
+        self.trial = False
+
+    def available(self, now: float) -> bool:
+        """Up, and not ejected; past its cooldown, an ejected backend is available for one trial."""
+        if not self.up:
+            return False
+        if self.ejected_until == 0.0:
+            return True
+        return now >= self.ejected_until and not self.trial
+
+    @property
+    def state(self) -> str:
+        if not self.up:
+            return "down"
+        if self.ejected_until:
+            return "ejected" if time.monotonic() < self.ejected_until else "half-open"
+        return "up"
+
+    def succeeded(self) -> None:
+        if self.ejected_until:
+            log.info("backend %s is back after a successful trial request", self.name)
+        self.failures = 0
+        self.ejected_until = 0.0
+        self.trial = False
+
+    def failed(self, reason: str, threshold: int, cooldown: float) -> None:
+        self.failures += 1
+        half_open = self.ejected_until != 0.0
+        self.trial = False
+        if half_open or self.failures >= threshold:
+            if not half_open or time.monotonic() >= self.ejected_until:
+                self.ejections += 1
+                log.warning(
+                    "backend %s ejected for %g s after %d failure(s): %s", self.name, cooldown, self.failures, reason
+                )
+            self.ejected_until = time.monotonic() + cooldown
+            self.reason = f"ejected: {reason}"
 
     def mark_down(self, reason: str) -> None:
         if self.up or self.reason != reason:
@@ -86,10 +145,11 @@ class Backend:
         if not self.up:
             log.info("backend %s is up", self.name)
         self.up = True
-        self.reason = None
+        if not self.ejected_until:
+            self.reason = None
 
     def __repr__(self) -> str:
-        return f"Backend({self.name!r}, kind={self.kind!r}, up={self.up})"
+        return f"Backend({self.name!r}, kind={self.kind!r}, state={self.state!r})"
 
 
 def build_backends(settings: Settings, http: httpx.AsyncClient) -> list[Backend]:
@@ -99,8 +159,41 @@ def build_backends(settings: Settings, http: httpx.AsyncClient) -> list[Backend]
             client = httpx.AsyncClient(transport=MockModelTransport(backend_settings), timeout=None)
         else:
             client = http
-        backends.append(Backend(backend_settings, client))
+        backends.append(Backend(backend_settings, client, settings.timeouts))
     return backends
+
+
+def _probe_url(backend: Backend) -> str:
+    root = backend.base_url.removesuffix("/v1")
+    if backend.kind == "vllm":
+        return f"{root}/health"
+    if backend.kind == "ollama":
+        return f"{root}/api/version"
+    return f"{backend.base_url}/models"
+
+
+async def check(backend: Backend, timeout: float) -> None:
+    """One active health check. A backend that discovers its models is also checked by discovery;
+    it comes up here only once it knows some."""
+    if backend.kind == "mock":
+        return
+    try:
+        response = await backend.client.get(_probe_url(backend), headers=backend.headers, timeout=timeout)
+        ok = response.status_code < 400
+        reason = f"health check answered {response.status_code}"
+    except httpx.HTTPError as exc:
+        ok, reason = False, f"health check failed: {_describe(exc)}"
+    if not ok:
+        backend.mark_down(reason)
+    elif backend.models or backend.patterns:
+        backend.mark_up()
+
+
+async def check_forever(backends: list[Backend], interval: float, timeout: float) -> None:
+    """The active health checks the app's lifespan runs."""
+    while True:
+        await asyncio.sleep(interval)
+        await asyncio.gather(*(check(backend, timeout) for backend in backends))
 
 
 async def discover(backend: Backend, timeout: float) -> bool:

@@ -3,21 +3,31 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
+import time
 from collections.abc import Sequence
+from types import FrameType
 
 import msgspec
+import uvicorn
+from litestar.datastructures import State
 
+from gateway import logs, tracing
 from gateway.settings import ConfigError, Settings, load, load_file, redact_url
 
-__all__ = ["main", "worker_app"]
+__all__ = ["DrainingServer", "main", "worker_app"]
 
 # How settings reach worker processes when --workers > 1: uvicorn imports the app by name in each
 # worker, so the parent hands over what it resolved (and validated) instead of re-reading sources.
 _SETTINGS_ENV = "GATEWAY_RESOLVED_SETTINGS"
+# Where prometheus-client's multiprocess mode keeps each worker's metrics (gateway/metrics.py).
+_METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -56,12 +66,8 @@ def _override(settings: Settings, *, host: str | None, port: int | None, workers
 
 
 def _serve(settings: Settings, source: str) -> int:
-    import uvicorn
-
     level = settings.logging.level
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # httpx logs every upstream request at INFO: a line per request is the access log's job.
-    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
+    logs.configure(settings.logging)
     log = logging.getLogger("gateway")
     log.info("configuration from %s", source)
     for line in describe(settings, source).splitlines()[1:]:
@@ -78,23 +84,66 @@ def _serve(settings: Settings, source: str) -> int:
         lifespan="on",
         access_log=False,
         log_level=level,
+        # Logging is configured above (and in each worker): uvicorn's loggers write through it.
+        log_config=None,
         proxy_headers=False,
         server_header=False,
     )
+    shutdown = settings.shutdown
+    options["timeout_graceful_shutdown"] = shutdown.grace_period
     if server.workers > 1:
+        # uvicorn's supervisor stops workers itself: they get the grace period, not the drain delay
+        # (a Kubernetes preStop sleep gives the same).
         os.environ[_SETTINGS_ENV] = msgspec.json.encode(settings).decode()
+        if not os.environ.get(_METRICS_ENV):
+            # Set before uvicorn spawns the workers: prometheus-client reads it when first imported.
+            os.environ[_METRICS_ENV] = tempfile.mkdtemp(prefix="gateway-metrics-")
+            atexit.register(shutil.rmtree, os.environ[_METRICS_ENV], True)
         uvicorn.run("gateway.cli:worker_app", factory=True, workers=server.workers, **options)  # type: ignore[arg-type]
     else:
         from gateway.app import create_app
 
-        uvicorn.run(create_app(settings), **options)  # type: ignore[arg-type]
+        app = create_app(settings, tracing=tracing.from_env(os.environ))
+        DrainingServer(uvicorn.Config(app, **options), app.state, shutdown.drain_delay).run()  # type: ignore[arg-type]
     return 0
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, but the first SIGTERM starts a drain: /ready answers 503 at once, requests are
+    still served for ``drain_delay`` seconds (load balancers need that long to stop sending), then the
+    listener closes and in-flight requests get the grace period. A second signal stops at once."""
+
+    def __init__(self, config: uvicorn.Config, state: State, drain_delay: float) -> None:
+        super().__init__(config)
+        self._state = state
+        self._drain_delay = drain_delay
+        self._exit_at: float | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self._state.draining = True
+        if sig == signal.SIGTERM and self._exit_at is None and self._drain_delay > 0:
+            self._captured_signals.append(sig)
+            self._exit_at = time.monotonic() + self._drain_delay
+            logging.getLogger("gateway").info(
+                "SIGTERM: draining for %g s, then finishing in-flight requests", self._drain_delay
+            )
+            return
+        super().handle_exit(sig, frame)
+
+    async def on_tick(self, counter: int) -> bool:
+        if self._exit_at is not None and time.monotonic() >= self._exit_at:
+            self.should_exit = True
+        return await super().on_tick(counter)
 
 
 def worker_app() -> object:
     from gateway.app import create_app
+    from gateway.metrics import worker_metrics
 
-    return create_app(msgspec.json.decode(os.environ[_SETTINGS_ENV], type=Settings))
+    settings = msgspec.json.decode(os.environ[_SETTINGS_ENV], type=Settings)
+    # A worker is a fresh process (spawned): its logging is configured here, not inherited.
+    logs.configure(settings.logging)
+    return create_app(settings, metrics=worker_metrics(os.environ[_METRICS_ENV]), tracing=tracing.from_env(os.environ))
 
 
 def describe(settings: Settings, source: str) -> str:

@@ -71,6 +71,8 @@ class History:
         self._progress = asyncio.Condition()
         self.dropped = 0
         self.written = 0
+        self.store_errors = 0
+        """Store operations that failed (Redis unreachable): conversation reads and queued writes."""
         self.degraded: str | None = None
         """Why the last write failed, while writes are failing."""
 
@@ -93,6 +95,7 @@ class History:
                 if not stored and await self.store.get_conversation(scope, conversation) is None:
                     raise NotFound(f"No conversation found with id '{conversation}'.", param="conversation")
             except StoreUnavailable as exc:
+                self.store_errors += 1
                 raise ServiceUnavailable(
                     f"Conversation history is unavailable right now ({exc}); retry shortly.",
                     code="history_unavailable",
@@ -147,6 +150,7 @@ class History:
             try:
                 await self.store.save(exchange)
             except StoreUnavailable as exc:
+                self.store_errors += 1
                 if self.degraded is None:
                     log.warning("history store unavailable, queueing records: %s", exc)
                 self.degraded = str(exc) or type(exc).__name__

@@ -282,6 +282,8 @@ class RedisLimiter:
         self._prefix = prefix
         self.degraded: str | None = None
         """Why Redis failed, while admission runs on the fallback."""
+        self.redis_errors = 0
+        """Admissions Redis failed (each one fell back, or was refused)."""
 
     def _keys(self, key_id: str) -> list[str]:
         base = f"{self._prefix}:{{{key_id}}}"
@@ -306,6 +308,7 @@ class RedisLimiter:
     async def _unavailable(
         self, exc: Exception, key_id: str, limits: Limits, request_id: str, tokens: int, window: float
     ) -> State:
+        self.redis_errors += 1
         if self.degraded is None:
             log.warning(
                 "rate limits cannot reach Redis (%s): %s",

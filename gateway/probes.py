@@ -4,6 +4,7 @@ dependency never gets a healthy pod restarted; ``/ready`` says whether this repl
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from litestar import Response, get
@@ -26,7 +27,7 @@ async def ready(state: State) -> Response[bytes]:
     backends: dict[str, Any] = {}
     for backend in state.backends:
         entry: dict[str, Any] = {
-            "state": "up" if backend.up else "down",
+            "state": backend.state,
             "kind": backend.kind,
             "models": len(backend.models) + len(backend.patterns),
             "in_flight": backend.in_flight,
@@ -35,7 +36,9 @@ async def ready(state: State) -> Response[bytes]:
             entry["reason"] = backend.reason
         backends[backend.name] = entry
     components: dict[str, Any] = {"backends": backends}
-    serving = any(backend.up for backend in state.backends)
+    now = time.monotonic()
+    # An ejected backend can serve again once its cooldown is over; until then it cannot.
+    serving = not state.draining and any(backend.up and now >= backend.ejected_until for backend in state.backends)
     history = state.history
     components["history"] = {
         "store": "redis" if state.redis is not None else "memory",
@@ -48,7 +51,8 @@ async def ready(state: State) -> Response[bytes]:
         redis_state = components["redis"] = await _redis_state(state.redis)
         if redis_state["state"] != "up" and state.settings.health.require_redis:
             serving = False
-    body = {"status": "ready" if serving else "unavailable", "components": components}
+    status = "draining" if state.draining else "ready" if serving else "unavailable"
+    body = {"status": status, "components": components}
     return Response(encode(body), status_code=200 if serving else 503, media_type="application/json")
 
 

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import anyio
 import httpx
@@ -27,13 +29,23 @@ from litestar.background_tasks import BackgroundTask
 from litestar.response import Stream
 
 from gateway.backends import Backend
-from gateway.errors import UpstreamProtocolError, UpstreamTimeout, error_body, upstream_errors
+from gateway.errors import (
+    GatewayError,
+    NoBackendAvailable,
+    UpstreamProtocolError,
+    UpstreamStatus,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+    error_body,
+    upstream_errors,
+)
+from gateway.guard import RepetitionGuard
 from gateway.reply import Reply
-from gateway.routing import Route
-from gateway.settings import TimeoutSettings
+from gateway.routing import Route, Target
+from gateway.settings import Settings
 from gateway.sse import DONE, EventSplitter, event_data, format_event
 from gateway.upstream import open_response, upstream_timeout
-from gateway.wire import ErrorDetail, decode_chunk, decode_completion
+from gateway.wire import ErrorDetail, decode_chunk, decode_completion, rewrite_fields
 
 __all__ = ["STREAM_HEADERS", "StreamRelay", "forward"]
 
@@ -54,6 +66,7 @@ _responses_event = msgspec.json.Decoder(_ResponsesEvent)
 # What the relay does with an event it observed.
 _FORWARD, _SKIP, _STOP = object(), object(), object()
 
+Resume = Callable[["StreamRelay", list[bytes]], Awaitable[AsyncIterator[bytes]]]
 OnEnd = Callable[[Reply], Awaitable[None]]
 """Runs once per reply, after the response is complete (or abandoned): history, usage, limits."""
 
@@ -65,38 +78,135 @@ async def forward(
     *,
     request_id: str,
     stream: bool,
-    timeouts: TimeoutSettings,
+    settings: Settings,
+    changes: dict[str, Any] | None = None,
     reply: Reply | None = None,
     on_end: OnEnd | None = None,
     hide_usage: bool = False,
     headers: dict[str, str] | None = None,
+    resume: Resume | None = None,
 ) -> Response[bytes] | Stream:
-    """Send ``body`` to the route's best backend and relay its answer.
+    """Send ``body`` (with ``changes`` to its top-level fields) to the route's targets in turn until one
+    answers, and relay that answer.
+
+    Connect errors, 5xx, 429 and first-token timeouts move on to the next target (or try the same one
+    again when it is the only one), with jittered backoff and the upstream's ``Retry-After``, within
+    ``[retries] max_attempts`` and the request's total timeout, and only while no byte has reached
+    the client. A 4xx is the client's error and is passed on at once.
 
     ``reply`` collects what a chat or completions answer says; Responses API streams, whose events are
     not chunks, are only checked for their terminal event. ``hide_usage``: the gateway asked the
-    upstream for a usage chunk the client did not ask for, so that chunk is not forwarded.
+    upstream for a usage chunk the client did not ask for, so that chunk is not forwarded. ``resume``:
+    the stream is resumable; it hands the relay to a producer and returns what the client follows.
     """
-    backend = route.backends[0]
-    if stream:
-        relay = StreamRelay(
-            backend, reply, responses_api=path == "/responses", timeouts=timeouts, on_end=on_end, hide_usage=hide_usage
+    reply = reply if reply is not None else Reply()
+    retries, health = settings.retries, settings.health
+    deadline = time.monotonic() + route.targets[0].backend.timeouts.total
+    payloads: dict[str, bytes] = {}
+    last: GatewayError | None = None
+    position = 0
+    for attempt in range(retries.max_attempts):
+        target = _next_target(route, position)
+        if target is None:
+            break
+        position = route.targets.index(target) + 1
+        backend = target.backend
+        if backend.ejected_until:
+            backend.trial = True  # past its cooldown: this request is the trial
+        payload = payloads.get(target.served)
+        if payload is None:
+            model = {} if target.served == route.model else {"model": target.served}
+            merged = {**(changes or {}), **model}
+            payload = payloads[target.served] = rewrite_fields(body, merged) if merged else body
+        if attempt:
+            reply.retries += 1
+        try:
+            if stream:
+                relay = StreamRelay(
+                    backend,
+                    reply,
+                    responses_api=path == "/responses",
+                    on_end=on_end,
+                    hide_usage=hide_usage,
+                    settings=settings,
+                )
+                first = await relay.open(path, payload, request_id)
+                backend.succeeded()
+                if resume is not None:
+                    follower = await resume(relay, first)
+                    return Stream(
+                        follower,
+                        media_type="text/event-stream",
+                        headers=STREAM_HEADERS | headers if headers else STREAM_HEADERS,
+                        status_code=200,
+                    )
+                # Background work runs after the last byte, and also when the client left before the
+                # body started (then the generator, and its ``finally``, never run).
+                return Stream(
+                    relay.events(first),
+                    media_type="text/event-stream",
+                    headers=STREAM_HEADERS | headers if headers else STREAM_HEADERS,
+                    status_code=200,
+                    background=relay.finish,
+                )
+            backend.in_flight += 1
+            try:
+                response = await _unary(backend, path, payload, request_id, reply, on_end, headers)
+            finally:
+                backend.in_flight -= 1
+            backend.succeeded()
+            return response
+        except UpstreamStatus as exc:
+            if exc.status < 500 and exc.status != 429:
+                backend.succeeded()  # it answered; the request was at fault
+                raise
+            if exc.status >= 500:
+                backend.failed(f"answered {exc.status}", health.failure_threshold, health.cooldown)
+            else:
+                backend.trial = False  # busy is not broken
+            last = exc
+            wait = _retry_after(exc.headers)
+        except (UpstreamUnavailable, UpstreamTimeout, UpstreamProtocolError) as exc:
+            backend.failed(exc.message, health.failure_threshold, health.cooldown)
+            last = exc
+            wait = 0.0
+        delay = min(retries.max_backoff, retries.backoff * 2**attempt) * random.uniform(0.5, 1.5)
+        following = _next_target(route, position)
+        if following is not None and following.backend is backend:
+            delay = max(delay, wait)  # the same backend asked us to wait
+        if attempt + 1 >= retries.max_attempts or following is None or time.monotonic() + delay > deadline:
+            break
+        log.info(
+            "request %s: backend %s failed (%s); trying %s",
+            request_id,
+            backend.name,
+            last.message,
+            following.backend.name,
         )
-        first = await relay.open(path, body, request_id)
-        # Background work runs after the last byte, and also when the client left before the body
-        # started (then the generator, and its ``finally``, never run).
-        return Stream(
-            relay.events(first),
-            media_type="text/event-stream",
-            headers=STREAM_HEADERS | headers if headers else STREAM_HEADERS,
-            status_code=200,
-            background=relay.finish,
-        )
-    backend.in_flight += 1
+        await asyncio.sleep(delay)
+    if last is None:
+        raise NoBackendAvailable(f"No backend can serve `{route.model}` right now.", param="model")
+    raise last
+
+
+def _next_target(route: Route, position: int) -> Target | None:
+    """The first target from ``position`` on, wrapping around, that is available now."""
+    now = time.monotonic()
+    count = len(route.targets)
+    for step in range(count):
+        target = route.targets[(position + step) % count]
+        if target.backend.available(now):
+            return target
+    return None
+
+
+def _retry_after(headers: dict[str, str]) -> float:
     try:
-        return await _unary(backend, path, body, request_id, timeouts, reply, on_end, headers)
-    finally:
-        backend.in_flight -= 1
+        if "retry-after-ms" in headers:
+            return float(headers["retry-after-ms"]) / 1000
+        return float(headers.get("retry-after", 0))
+    except ValueError:
+        return 0.0  # an HTTP date: too rare to parse here
 
 
 async def _unary(
@@ -104,11 +214,11 @@ async def _unary(
     path: str,
     body: bytes,
     request_id: str,
-    timeouts: TimeoutSettings,
-    reply: Reply | None,
+    reply: Reply,
     on_end: OnEnd | None,
     headers: dict[str, str] | None,
 ) -> Response[bytes]:
+    timeouts = backend.timeouts
     sent = time.monotonic()
     try:
         async with asyncio.timeout(timeouts.total):
@@ -128,16 +238,15 @@ async def _unary(
     except TimeoutError:
         raise UpstreamTimeout(f"Backend `{backend.name}` did not answer within {timeouts.total:g} s.") from None
     background = None
-    if reply is not None:
-        reply.backend = backend.name
-        reply.upstream_time += time.monotonic() - sent
-        reply.first_token = time.monotonic() - reply.started
-        try:
-            reply.observe_completion(decode_completion(content))
-        except msgspec.DecodeError:
-            log.debug("backend %s sent a reply the gateway could not read", backend.name)
-        if on_end is not None:
-            background = BackgroundTask(on_end, reply)
+    reply.backend = backend.name
+    reply.upstream_time += time.monotonic() - sent
+    reply.first_token = time.monotonic() - reply.started
+    try:
+        reply.observe_completion(decode_completion(content))
+    except msgspec.DecodeError:
+        log.debug("backend %s sent a reply the gateway could not read", backend.name)
+    if on_end is not None:
+        background = BackgroundTask(on_end, reply)
     return Response(
         content=content,
         status_code=response.status_code,
@@ -157,14 +266,18 @@ class StreamRelay:
         "_deadline",
         "_failure",
         "_finished",
+        "_guard",
+        "_health",
         "_hide_usage",
         "_last",
         "_on_end",
+        "_request_id",
         "_response",
         "_responses_api",
         "_splitter",
         "_timeouts",
         "reply",
+        "sequence",
     )
 
     def __init__(
@@ -173,17 +286,22 @@ class StreamRelay:
         reply: Reply | None,
         *,
         responses_api: bool,
-        timeouts: TimeoutSettings,
         on_end: OnEnd | None,
+        settings: Settings,
         hide_usage: bool = False,
     ) -> None:
         self._backend = backend
+        self._health = settings.health
+        guard = settings.guard
+        self._guard = RepetitionGuard(guard.repeated_ngram, guard.repeats) if guard.repeated_ngram else None
         self._hide_usage = hide_usage
         self._finished = False
         self._last = 0.0
+        self._request_id = ""
+        self.sequence = 0
         self.reply = reply if reply is not None else Reply()
         self._responses_api = responses_api
-        self._timeouts = timeouts
+        self._timeouts = backend.timeouts
         self._on_end = on_end
         self._splitter = EventSplitter()
         self._response: httpx.Response | None = None
@@ -193,12 +311,13 @@ class StreamRelay:
         self._deadline = 0.0
         backend.in_flight += 1
 
-    async def open(self, path: str, body: bytes, request_id: str) -> bytes:
+    async def open(self, path: str, body: bytes, request_id: str) -> list[bytes]:
         """Send the request and read up to the first complete event, within the first-token timeout.
         Raises a gateway error (nothing has been sent to the client yet) when that fails."""
         loop = asyncio.get_running_loop()
         self._deadline = loop.time() + self._timeouts.total
         self.reply.backend = self._backend.name
+        self._request_id = request_id
         sent = time.monotonic()
         try:
             async with asyncio.timeout(self._timeouts.first_token):
@@ -230,7 +349,14 @@ class StreamRelay:
             await self.close()
             raise
 
-    async def events(self, first: bytes) -> AsyncIterator[bytes]:
+    async def events(self, first: list[bytes]) -> AsyncIterator[bytes]:
+        """The response body: each read's events as one piece."""
+        async for group in self.groups(first):
+            yield group[0] if len(group) == 1 else b"".join(group)
+
+    async def groups(self, first: list[bytes]) -> AsyncIterator[list[bytes]]:
+        """The events to forward, each with its SSE id, in the groups the upstream's reads complete them;
+        a failure ends them with an error event."""
         reply = self.reply
         try:
             yield first
@@ -251,15 +377,15 @@ class StreamRelay:
                     break
                 now = time.monotonic()
                 reply.upstream_time += now - waited
-                if out := self._take(chunk):
+                if group := self._take(chunk):
                     since = now - reply.started
                     reply.gaps.append(since - self._last)
                     self._last = since
-                    yield out
+                    yield group
                 if loop.time() > self._deadline and not reply.done:
                     self._fail("total_timeout", f"The reply took longer than {self._timeouts.total:g} s.")
             if self._failure is not None:
-                yield format_event(error_body(self._failure))
+                yield [self.numbered(format_event(error_body(self._failure)))]
         except (GeneratorExit, asyncio.CancelledError):
             if not reply.done and reply.error is None:
                 reply.error = "cancelled"
@@ -267,25 +393,37 @@ class StreamRelay:
         finally:
             await self.close()
 
-    def _take(self, chunk: bytes) -> bytes:
-        """The events ``chunk`` completes, observed, as bytes to forward; stops at a failure or at the
-        end of the reply."""
+    @property
+    def request_id(self) -> str:
+        return self._request_id
+
+    def numbered(self, event: bytes) -> bytes:
+        """``event`` with its SSE id, ``<completion id>/<sequence>``, which a client that reconnects
+        hands back (``Last-Event-ID``) to get what it missed."""
+        seq = self.sequence
+        self.sequence += 1
+        return b"id: %s/%d\n%s" % ((self.reply.id or self._request_id).encode(), seq, event)
+
+    def _take(self, chunk: bytes) -> list[bytes]:
+        """The events ``chunk`` completes, observed and numbered, to forward; stops at a failure or at
+        the end of the reply."""
         events = self._splitter.feed(chunk)
         if not events:
-            return b""
+            return []
         forward = []
         for event in events:
             data = event_data(event)
-            verdict = _FORWARD if data is None else self._observe(data)
+            if data is None:
+                forward.append(event)  # a comment (keep-alive): passed on, not numbered
+                continue
+            verdict = self._observe(data)
             if verdict is _STOP:
                 break
             if verdict is _FORWARD:
-                forward.append(event)
+                forward.append(self.numbered(event))
             if self.reply.done:
                 break
-        if not forward:
-            return b""
-        return forward[0] if len(forward) == 1 else b"".join(forward)
+        return forward
 
     def _observe(self, data: bytes) -> object:
         """Read one event's data into the reply, and say what becomes of the event."""
@@ -308,6 +446,12 @@ class StreamRelay:
             # The upstream reported its own failure in-band; the client gets it as sent.
             reply.error = "upstream_error"
         reply.observe_chunk(chunk)
+        if self._guard is not None and chunk.choices:
+            for choice in chunk.choices:
+                delta = choice.delta
+                if choice.index == 0 and delta is not None and delta.content and self._guard.feed(delta.content):
+                    self._fail("repetition_detected", "The reply kept repeating itself, so the gateway stopped it.")
+                    return _STOP
         if self._hide_usage and chunk.usage is not None and not chunk.choices:
             return _SKIP
         return _FORWARD
@@ -318,6 +462,15 @@ class StreamRelay:
         self._failure = ErrorDetail(message=message, type="upstream_error", code=code)
         self.reply.error = code
         log.warning("stream from backend %s failed: %s", self._backend.name, message)
+        # Before the first event, the retry loop reports the failure; after it, only the relay knows.
+        committed = self.reply.first_token is not None
+        if committed and code in (
+            "upstream_disconnected",
+            "idle_timeout",
+            "upstream_truncated",
+            "upstream_protocol_error",
+        ):
+            self._backend.failed(message, self._health.failure_threshold, self._health.cooldown)
 
     async def close(self) -> None:
         """Release the upstream, once, whether the stream finished, failed or the client left.

@@ -7,13 +7,22 @@ convention's OpenAI backend) never shadows a model another backend serves by nam
 from __future__ import annotations
 
 import fnmatch
+import random
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from gateway.backends import Backend
 from gateway.errors import ModelNotFound, NoBackendAvailable
 
-__all__ = ["Route", "listed_models", "resolve"]
+__all__ = ["Route", "Target", "listed_models", "resolve"]
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    backend: Backend
+    served: str
+    """The model name this backend is asked for."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,33 +30,61 @@ class Route:
     model: str
     """The name the client asked for."""
     served: str
-    """The name the backends serve it under (differs from ``model`` for an alias)."""
-    backends: tuple[Backend, ...]
-    """Candidates, best first."""
+    """The name the first choice serves it under (differs from ``model`` for an alias)."""
+    targets: tuple[Target, ...]
+    """What to try, in order: the model's backends, best first, then its fallbacks."""
 
     @property
     def aliased(self) -> bool:
         return self.served != self.model
 
+    @property
+    def backends(self) -> tuple[Backend, ...]:
+        return tuple(target.backend for target in self.targets)
 
-def resolve(model: str, backends: Sequence[Backend], aliases: Mapping[str, str]) -> Route:
+
+def resolve(
+    model: str,
+    backends: Sequence[Backend],
+    aliases: Mapping[str, str],
+    fallbacks: Mapping[str, Sequence[str]] | None = None,
+    now: float | None = None,
+) -> Route:
+    """The route of ``model``. Raises :class:`ModelNotFound` for a model nothing serves or falls back
+    for, and :class:`NoBackendAvailable` when it is known but every backend that could serve it is
+    down or ejected."""
+    now = time.monotonic() if now is None else now
     served = aliases.get(model, model)
-    candidates = [b for b in backends if served in b.models]
-    if not candidates:
-        candidates = _by_pattern(served, backends)
-    if not candidates:
+    candidates = _serving(served, backends)
+    fallback_names = (fallbacks or {}).get(model, ())
+    if not candidates and not fallback_names:
         if model in aliases:
             raise NoBackendAvailable(
                 f"The model `{model}` is an alias of `{served}`, which no backend serves right now.", param="model"
             )
         raise ModelNotFound(model)
-    up = [b for b in candidates if b.up]
-    if not up:
-        names = ", ".join(f"{b.name} ({b.reason})" for b in candidates)
+    available = [b for b in candidates if b.available(now)]
+    # Fewest requests in flight per unit of weight. The random part breaks ties (and spreads
+    # sequential traffic) in proportion to weight; it never outweighs one request in flight.
+    available.sort(key=lambda b: (b.in_flight + random.random()) / b.weight)
+    targets = [Target(b, served) for b in available]
+    for name in fallback_names:
+        by_name = next((b for b in backends if b.name == name), None)
+        if by_name is not None:
+            extra = [Target(by_name, served)] if by_name.available(now) else []
+        else:
+            fallback_served = aliases.get(name, name)
+            extra = [Target(b, fallback_served) for b in _serving(fallback_served, backends) if b.available(now)]
+        targets.extend(t for t in extra if t not in targets)
+    if not targets:
+        names = ", ".join(f"{b.name} ({b.reason or b.state})" for b in candidates) or "its fallbacks are unavailable"
         raise NoBackendAvailable(f"No backend can serve `{model}` right now: {names}.", param="model")
-    # Fewest requests in flight per unit of weight; ties keep configuration order.
-    up.sort(key=lambda b: (b.in_flight + 1) / b.weight)
-    return Route(model=model, served=served, backends=tuple(up))
+    return Route(model=model, served=served, targets=tuple(targets))
+
+
+def _serving(model: str, backends: Sequence[Backend]) -> list[Backend]:
+    exact = [b for b in backends if model in b.models]
+    return exact or _by_pattern(model, backends)
 
 
 def _by_pattern(model: str, backends: Sequence[Backend]) -> list[Backend]:

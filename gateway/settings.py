@@ -22,14 +22,20 @@ __all__ = [
     "BackendSettings",
     "ConfigError",
     "DiscoverySettings",
+    "GuardSettings",
     "HealthSettings",
     "HistorySettings",
     "KeySettings",
     "LimitsSettings",
     "LoggingSettings",
+    "ModelSettings",
     "RedisSettings",
+    "ResumableSettings",
+    "RetrySettings",
     "ServerSettings",
     "Settings",
+    "ShutdownSettings",
+    "TimeoutOverrides",
     "TimeoutSettings",
     "from_env",
     "load",
@@ -71,6 +77,23 @@ class TimeoutSettings(Config):
     total: Seconds = 600.0
 
 
+class TimeoutOverrides(Config):
+    """A backend's own timeouts; a key left out takes the [timeouts] value."""
+
+    connect: Seconds | None = None
+    first_token: Seconds | None = None
+    idle: Seconds | None = None
+    total: Seconds | None = None
+
+    def over(self, defaults: TimeoutSettings) -> TimeoutSettings:
+        return TimeoutSettings(
+            connect=self.connect or defaults.connect,
+            first_token=self.first_token or defaults.first_token,
+            idle=self.idle or defaults.idle,
+            total=self.total or defaults.total,
+        )
+
+
 class BackendSettings(Config):
     name: Annotated[str, Meta(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")]
     kind: BackendKind
@@ -82,6 +105,48 @@ class BackendSettings(Config):
     weight: Annotated[float, Meta(gt=0)] = 1.0
     # mock only: seconds between two streamed tokens, to look like a real model.
     token_delay: Annotated[float, Meta(ge=0)] = 0.0
+    timeouts: TimeoutOverrides | None = None
+
+
+class ModelSettings(Config):
+    """Routing of one public model name beyond its backends: what to try when they all fail."""
+
+    name: Annotated[str, Meta(min_length=1)]
+    # Other model names, or backend names (the same model on that backend), tried in order.
+    fallbacks: list[str] = []
+
+
+class RetrySettings(Config):
+    # Attempts per request, the first included, across backends and fallbacks; only while no byte
+    # has reached the client.
+    max_attempts: Annotated[int, Meta(ge=1, le=20)] = 3
+    # First backoff in seconds, doubled each attempt, jittered, capped by max_backoff.
+    backoff: Annotated[float, Meta(ge=0)] = 0.1
+    max_backoff: Annotated[float, Meta(ge=0)] = 2.0
+
+
+class ShutdownSettings(Config):
+    # After SIGTERM: seconds of still accepting requests while /ready answers 503, so load balancers
+    # stop sending before the listener closes ...
+    drain_delay: Annotated[float, Meta(ge=0)] = 5.0
+    # ... then seconds in-flight requests (streams) get to finish before they are cut.
+    grace_period: Annotated[float, Meta(ge=0)] = 30.0
+
+
+class ResumableSettings(Config):
+    # Make every streamed chat resumable, not only those with `conversation`, `background: true` or
+    # the X-Resumable: true header.
+    always: bool = False
+    # Events kept per stream (older ones are trimmed), and seconds a stream stays readable.
+    max_events: Annotated[int, Meta(ge=16)] = 10_000
+    ttl: Seconds = 3600.0
+
+
+class GuardSettings(Config):
+    # Stop a stream whose text repeats one n-gram of this many words `repeats` times in a row
+    # (a degenerate loop); 0 turns the guard off.
+    repeated_ngram: Annotated[int, Meta(ge=0, le=64)] = 0
+    repeats: Annotated[int, Meta(ge=2, le=1000)] = 8
 
 
 class DiscoverySettings(Config):
@@ -107,6 +172,12 @@ class HistorySettings(Config):
 class HealthSettings(Config):
     # Take this replica out of rotation (503 on /ready) while Redis is unreachable.
     require_redis: bool = False
+    # Consecutive failures (connect errors, 5xx, timeouts) that take a backend out of rotation ...
+    failure_threshold: Annotated[int, Meta(ge=1)] = 3
+    # ... for this many seconds, after which one trial request may bring it back.
+    cooldown: Seconds = 30.0
+    # Seconds between two active health checks of each backend.
+    interval: Seconds = 10.0
 
 
 class AuthSettings(Config):
@@ -142,13 +213,23 @@ class LimitsSettings(Config):
 
 class LoggingSettings(Config):
     level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+    # "json": one JSON object per line; "text": lines for a person; "auto": text when stderr is a
+    # terminal, JSON otherwise.
+    format: Literal["auto", "json", "text"] = "auto"
+    # Add request bodies and reply messages to the access lines. They hold what users wrote.
+    log_bodies: bool = False
 
 
 class Settings(Config):
     server: ServerSettings = msgspec.field(default_factory=ServerSettings)
     redis: RedisSettings = msgspec.field(default_factory=RedisSettings)
     backends: list[BackendSettings] = msgspec.field(default_factory=list)
+    models: list[ModelSettings] = msgspec.field(default_factory=list)
     aliases: dict[str, str] = msgspec.field(default_factory=dict)
+    retries: RetrySettings = msgspec.field(default_factory=RetrySettings)
+    shutdown: ShutdownSettings = msgspec.field(default_factory=ShutdownSettings)
+    guard: GuardSettings = msgspec.field(default_factory=GuardSettings)
+    resumable: ResumableSettings = msgspec.field(default_factory=ResumableSettings)
     timeouts: TimeoutSettings = msgspec.field(default_factory=TimeoutSettings)
     discovery: DiscoverySettings = msgspec.field(default_factory=DiscoverySettings)
     history: HistorySettings = msgspec.field(default_factory=HistorySettings)

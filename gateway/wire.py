@@ -87,6 +87,7 @@ class ChatRequest(Wire):
     store: bool | None = None
     metadata: dict[str, str] | None = None
     conversation: Any = None
+    background: bool | None = None
 
 
 class Usage(Wire):

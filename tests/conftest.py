@@ -314,7 +314,8 @@ class Gateway(_Process):
         self._wait_ready(lambda: wait_http(f"{self.url}/health", timeout, status=200, process=self.process))
         return self
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int:
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 10) -> int:
+        """SIGINT by default: it stops at once, where SIGTERM first drains for [shutdown] drain_delay."""
         returncode = super().stop(sig, timeout)
         if returncode is None:
             raise RuntimeError(f"{self.name} was never started")

@@ -12,7 +12,7 @@ from litestar.testing import AsyncTestClient
 from pytest_httpx import HTTPXMock
 
 from gateway.app import create_app
-from gateway.settings import BackendSettings, ServerSettings, Settings
+from gateway.settings import BackendSettings, RetrySettings, ServerSettings, Settings
 from tests.conftest import free_port
 
 UP = "http://upstream/v1"
@@ -25,6 +25,8 @@ def settings(**overrides: object) -> Settings:
             BackendSettings(name="up", kind="vllm", base_url=UP, models=["org/served", "up-model"]),
         ],
         aliases={"fast": "org/served", "ghost": "nowhere"},
+        # One attempt: pytest-httpx answers each request once; retries are tested end to end.
+        retries=RetrySettings(max_attempts=1),
     )
     return Settings(**(base | overrides))  # type: ignore[arg-type]
 
@@ -40,7 +42,7 @@ def chat(model: str = "mock", **extra: object) -> dict[str, object]:
 
 
 def sse_data(text: str) -> list[str]:
-    return [line[6:] for line in text.split("\n\n") if line.startswith("data: ")]
+    return [line[6:] for event in text.split("\n\n") for line in event.split("\n") if line.startswith("data: ")]
 
 
 async def test_chat_is_200_with_request_id(client: AsyncTestClient) -> None:

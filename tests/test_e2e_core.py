@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,10 +22,17 @@ from tests.conftest import Gateway, Upstream, free_port
 def gateway(upstream_server: Upstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     directory = tmp_path_factory.mktemp("gateway")
     config = directory / "gateway.toml"
+    # Tests here fail the upstream on purpose, one exchange at a time: no retries, no ejection.
     config.write_text(f"""
 [timeouts]
 first_token = 1.0
 idle = 1.0
+
+[retries]
+max_attempts = 1
+
+[health]
+failure_threshold = 1000
 
 [[backends]]
 name = "fake"
@@ -303,9 +311,9 @@ async def test_hundred_concurrent_streams_complete_and_correct(gateway: Gateway)
 
 def test_sigterm_exits_cleanly(tmp_path: Path) -> None:
     config = tmp_path / "g.toml"
-    config.write_text('[[backends]]\nname = "mock"\nkind = "mock"\n')
+    config.write_text('[shutdown]\ndrain_delay = 0.2\n[[backends]]\nname = "mock"\nkind = "mock"\n')
     process = Gateway(config, tmp_path, name="sigterm").start()
-    assert process.stop() == 0
+    assert process.stop(signal.SIGTERM) == 0
 
 
 def test_models_refreshed_and_readiness_follows(tmp_path: Path, start_gateway: Any) -> None:

@@ -106,7 +106,7 @@ def test_gateway_toml_documents_every_key() -> None:
     text = (ROOT / "config" / "gateway.toml").read_text(encoding="utf-8")
     missing = []
     for section in msgspec.structs.fields(Settings):
-        if section.name in ("backends", "keys", "aliases"):
+        if section.name in ("backends", "keys", "models", "aliases"):
             header = re.escape(f"[{section.name}]" if section.name == "aliases" else f"[[{section.name}]]")
             if not re.search(rf"^(# )?{header}", text, re.M):
                 missing.append(section.name)
@@ -128,7 +128,7 @@ def test_gateway_toml_commented_examples_load_once_uncommented(tmp_path: Path) -
     """Uncommenting an example must give a working config, not a typo to debug."""
     text = (ROOT / "config" / "gateway.toml").read_text(encoding="utf-8")
     # One level of `# ` off every line that is TOML: a table header or `key = value`.
-    uncommented = re.sub(r"^# (?=\[\[(backends|keys)\]\]|[a-z_]+ = )", "", text, flags=re.M)
+    uncommented = re.sub(r"^# (?=\[\[(backends|keys|models)\]\]|[a-z_]+ = )", "", text, flags=re.M)
     assert uncommented != text
     path = tmp_path / "gateway.toml"
     path.write_text(uncommented, encoding="utf-8")

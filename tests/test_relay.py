@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import AsyncIterator
 
 import httpx
@@ -15,8 +16,8 @@ from gateway.backends import Backend
 from gateway.errors import UpstreamProtocolError, UpstreamStatus, UpstreamTimeout, UpstreamUnavailable
 from gateway.relay import forward
 from gateway.reply import Reply
-from gateway.routing import Route
-from gateway.settings import BackendSettings, TimeoutSettings
+from gateway.routing import Route, Target
+from gateway.settings import BackendSettings, GuardSettings, RetrySettings, Settings, TimeoutSettings
 
 URL = "http://upstream/v1/chat/completions"
 
@@ -63,8 +64,12 @@ async def backend() -> AsyncIterator[Backend]:
         yield Backend(BackendSettings(name="up", kind="openai", base_url="http://upstream/v1", models=["m"]), client)
 
 
-def route(backend: Backend) -> Route:
-    return Route(model="m", served="m", backends=(backend,))
+# One attempt: these tests are about one exchange; retries have their own below.
+SETTINGS = Settings(retries=RetrySettings(max_attempts=1))
+
+
+def route(*backends: Backend) -> Route:
+    return Route(model="m", served="m", targets=tuple(Target(b, "m") for b in backends))
 
 
 async def relay(
@@ -75,22 +80,29 @@ async def relay(
     reply: Reply | None = None,
     path: str = "/chat/completions",
 ) -> list[bytes]:
+    backend.timeouts = timeouts or TimeoutSettings()
     response = await forward(
         route(backend),
         path,
         b'{"model":"m"}',
         request_id="rid",
         stream=stream,
-        timeouts=timeouts or TimeoutSettings(),
+        settings=SETTINGS,
         reply=reply,
     )
     assert isinstance(response, Stream)
     parts = [part async for part in response.iterator]  # type: ignore[union-attr]
     await response.background()  # type: ignore[misc]
-    return parts
+    return [unnumbered(part) for part in parts]
+
+
+def unnumbered(part: bytes) -> bytes:
+    """What the upstream sent: the part without the SSE ids the gateway adds."""
+    return re.sub(rb"(?m)^id: [^\n]*\n", b"", part)
 
 
 def error_of(event: bytes) -> dict:
+    event = unnumbered(event)
     assert event.startswith(b"data: ") and event.endswith(b"\n\n")
     return json.loads(event[6:])["error"]
 
@@ -253,7 +265,7 @@ async def test_unary_reply_observed(httpx_mock: HTTPXMock, backend: Backend) -> 
         b"{}",
         request_id="r",
         stream=False,
-        timeouts=TimeoutSettings(),
+        settings=SETTINGS,
         reply=reply,
     )
     assert response.content == body  # type: ignore[union-attr]
@@ -264,9 +276,7 @@ async def test_unary_reply_observed(httpx_mock: HTTPXMock, backend: Backend) -> 
 async def test_unary_total_timeout(httpx_mock: HTTPXMock, backend: Backend) -> None:
     httpx_mock.add_exception(httpx.ReadTimeout("slow"), url=URL)
     with pytest.raises(UpstreamTimeout):
-        await forward(
-            route(backend), "/chat/completions", b"{}", request_id="r", stream=False, timeouts=TimeoutSettings()
-        )
+        await forward(route(backend), "/chat/completions", b"{}", request_id="r", stream=False, settings=SETTINGS)
 
 
 async def test_responses_api_stream_ends_at_its_terminal_event(httpx_mock: HTTPXMock, backend: Backend) -> None:
@@ -303,15 +313,133 @@ async def test_client_leaving_closes_upstream_and_marks_cancelled(httpx_mock: HT
         b"{}",
         request_id="r",
         stream=True,
-        timeouts=TimeoutSettings(),
+        settings=SETTINGS,
         reply=Reply(),
         on_end=on_end,
     )
     events = response.iterator  # type: ignore[union-attr]
-    assert await anext(events) == chunk("a")
+    assert unnumbered(await anext(events)) == chunk("a")
     await anext(events)
     await events.aclose()  # what the response does when the client disconnects
     await response.background()  # type: ignore[misc]
     assert body.closed
     assert [r.error for r in ended] == ["cancelled"] and ended[0].text() == "ab"
     assert backend.in_flight == 0
+
+
+# --- retries and failover, before the first byte ------------------------------------------------
+
+OTHER = "http://other/v1/chat/completions"
+
+
+@pytest.fixture
+async def two() -> AsyncIterator[tuple[Backend, Backend]]:
+    async with httpx.AsyncClient() as client:
+        yield (
+            Backend(BackendSettings(name="up", kind="openai", base_url="http://upstream/v1", models=["m"]), client),
+            Backend(BackendSettings(name="other", kind="openai", base_url="http://other/v1", models=["m"]), client),
+        )
+
+
+def retrying(attempts: int = 3) -> Settings:
+    return Settings(retries=RetrySettings(max_attempts=attempts, backoff=0.01, max_backoff=0.05))
+
+
+async def test_connect_error_fails_over_to_the_next_backend(
+    httpx_mock: HTTPXMock, two: tuple[Backend, Backend]
+) -> None:
+    first, second = two
+    httpx_mock.add_exception(httpx.ConnectError("refused"), url=URL)
+    httpx_mock.add_response(url=OTHER, stream=Chunks(chunk("ok", "stop"), DONE))
+    reply = Reply()
+    response = await forward(
+        route(first, second), "/chat/completions", b"{}", request_id="r", stream=True, settings=retrying(), reply=reply
+    )
+    parts = [part async for part in response.iterator]  # type: ignore[union-attr]
+    await response.background()  # type: ignore[misc]
+    assert unnumbered(parts[-1]) == DONE and reply.backend == "other" and reply.retries == 1
+    assert first.failures == 1 and second.failures == 0
+
+
+async def test_5xx_retried_on_the_only_backend(httpx_mock: HTTPXMock, backend: Backend) -> None:
+    httpx_mock.add_response(url=URL, status_code=503, json={"error": {"message": "busy", "type": "x"}})
+    httpx_mock.add_response(url=URL, json={"id": "c", "choices": []})
+    reply = Reply()
+    response = await forward(
+        route(backend), "/chat/completions", b"{}", request_id="r", stream=False, settings=retrying(), reply=reply
+    )
+    assert response.status_code == 200 and reply.retries == 1  # type: ignore[union-attr]
+
+
+async def test_4xx_is_not_retried(httpx_mock: HTTPXMock, two: tuple[Backend, Backend]) -> None:
+    httpx_mock.add_response(url=URL, status_code=400, json={"error": {"message": "bad", "type": "x"}})
+    with pytest.raises(UpstreamStatus):
+        await forward(route(*two), "/chat/completions", b"{}", request_id="r", stream=False, settings=retrying())
+    assert len(httpx_mock.get_requests()) == 1 and two[0].failures == 0
+
+
+async def test_429_waits_retry_after_on_the_same_backend(httpx_mock: HTTPXMock, backend: Backend) -> None:
+    httpx_mock.add_response(
+        url=URL,
+        status_code=429,
+        headers={"retry-after-ms": "300"},
+        json={"error": {"message": "slow down", "type": "x"}},
+    )
+    httpx_mock.add_response(url=URL, json={"id": "c", "choices": []})
+    started = asyncio.get_running_loop().time()
+    await forward(route(backend), "/chat/completions", b"{}", request_id="r", stream=False, settings=retrying())
+    assert asyncio.get_running_loop().time() - started >= 0.3
+    assert backend.failures == 0  # busy is not broken
+
+
+async def test_every_attempt_without_a_first_token_is_504(httpx_mock: HTTPXMock, two: tuple[Backend, Backend]) -> None:
+    for backend, url in zip(two, (URL, OTHER), strict=True):
+        backend.timeouts = TimeoutSettings(first_token=0.1)
+        httpx_mock.add_response(url=url, stream=Chunks(1.0, chunk("late")))
+    with pytest.raises(UpstreamTimeout):
+        await forward(route(*two), "/chat/completions", b"{}", request_id="r", stream=True, settings=retrying(2))
+    assert [b.failures for b in two] == [1, 1] and [b.in_flight for b in two] == [0, 0]
+
+
+async def test_fallback_target_gets_its_own_model_name(httpx_mock: HTTPXMock, two: tuple[Backend, Backend]) -> None:
+    first, second = two
+    httpx_mock.add_exception(httpx.ConnectError("refused"), url=URL)
+    httpx_mock.add_response(url=OTHER, json={"id": "c", "choices": []})
+    fallback_route = Route(model="m", served="m", targets=(Target(first, "m"), Target(second, "small")))
+    await forward(
+        fallback_route,
+        "/chat/completions",
+        b'{"model":"m","top_k":3}',
+        request_id="r",
+        stream=False,
+        settings=retrying(),
+        changes={"user": "u"},
+    )
+    sent = httpx_mock.get_requests()[-1].content
+    assert sent == b'{"model":"small","top_k":3,"user":"u"}'
+
+
+async def test_guard_stops_a_looping_stream(httpx_mock: HTTPXMock, backend: Backend) -> None:
+    httpx_mock.add_response(url=URL, stream=Chunks(chunk("Sure."), *[chunk(" again") for _ in range(20)], DONE))
+    settings = Settings(retries=RetrySettings(max_attempts=1), guard=GuardSettings(repeated_ngram=1, repeats=5))
+    reply = Reply()
+    response = await forward(
+        route(backend), "/chat/completions", b"{}", request_id="r", stream=True, settings=settings, reply=reply
+    )
+    parts = [part async for part in response.iterator]  # type: ignore[union-attr]
+    await response.background()  # type: ignore[misc]
+    assert error_of(parts[-1])["code"] == "repetition_detected"
+    assert reply.text().count("again") < 10 and not any(DONE in p for p in parts)
+
+
+async def test_every_event_numbered_with_the_completion_id(httpx_mock: HTTPXMock, backend: Backend) -> None:
+    httpx_mock.add_response(url=URL, stream=Chunks(chunk("a") + chunk("b"), b": keep-alive\n\n", chunk("c", "stop"),
+                                                   DONE))
+    response = await forward(route(backend), "/chat/completions", b"{}", request_id="r", stream=True,
+                             settings=SETTINGS)
+    body = b"".join([part async for part in response.iterator])  # type: ignore[union-attr]
+    await response.background()  # type: ignore[misc]
+    assert re.findall(rb"(?m)^id: (.*)$", body) == [b"chatcmpl-1/0", b"chatcmpl-1/1", b"chatcmpl-1/2",
+                                                    b"chatcmpl-1/3"]
+    assert b": keep-alive\n\n" in body  # comments pass, unnumbered
+    assert body.endswith(b"id: chatcmpl-1/3\ndata: [DONE]\n\n")

@@ -47,9 +47,12 @@ def test_known_but_unserved_is_503() -> None:
 
 def test_fewest_in_flight_per_weight_first() -> None:
     a, b = backend("a", ["m"]), backend("b", ["m"], weight=2.0)
-    a.in_flight, b.in_flight = 1, 2
-    # a: (1+1)/1 = 2, b: (2+1)/2 = 1.5
+    a.in_flight, b.in_flight = 3, 2
+    # a: (3 + <1) / 1 >= 3, b: (2 + <1) / 2 < 1.5
     assert [x.name for x in resolve("m", [a, b], {}).backends] == ["b", "a"]
+    a.in_flight = b.in_flight = 0
+    firsts = [resolve("m", [a, b], {}).backends[0].name for _ in range(400)]
+    assert 0.6 < firsts.count("b") / 400 < 0.9  # ties go more often to the heavier backend
 
 
 def test_discovering_backend_is_down_until_it_knows_its_models() -> None:

@@ -1,0 +1,163 @@
+"""What every request leaves behind once it is complete: its metrics, one access line, its span.
+
+One ASGI wrapper around the whole app sees every request, 404s and errors included (Litestar's own
+middleware runs after routing, so it never sees a path that matched nothing). It notes when the
+request arrived, its status, and when its last byte went out; it reports when the app returns, which
+is after the response's background work, so a stream's reply (tokens, time to first token, gaps) is
+complete by then and observed once. What the request was about comes from ``scope["state"]``:
+``principal`` and ``tenant`` (authentication), and ``model``, ``backend``, ``reply``, ``stream`` and
+``user`` (the API handlers).
+
+The access line names the key (never its secret) and holds no message content, unless
+``[logging] log_bodies = true`` adds the request body and the reply's message.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway.metrics import Metrics
+from gateway.reply import Reply
+from gateway.request import request_id
+from gateway.tracing import Tracing
+
+__all__ = ["Observer"]
+
+access = logging.getLogger("gateway.access")
+log = logging.getLogger("gateway.observe")
+
+# Probes and scrapes come every few seconds: their access lines are DEBUG while they succeed.
+_QUIET_ROUTES = frozenset({"/health", "/ready", "/metrics"})
+_BODY_LOG_LIMIT = 64 * 1024
+_CLIENT_GONE = 499
+"""The status reported when the client left before any response started (nginx's convention)."""
+
+
+class Observer:
+    __slots__ = ("_app", "_log_bodies", "_metrics", "_tracing")
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, tracing: Tracing, *, log_bodies: bool = False) -> None:
+        self._app = app
+        self._metrics = metrics
+        self._tracing = tracing
+        self._log_bodies = log_bodies
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        metrics = self._metrics
+        metrics.in_flight.inc()
+        span = self._tracing.start_request(scope) if self._tracing.tracer is not None else None
+        status = 0
+        finished = 0.0
+        streaming = False
+
+        async def observed_send(message: Message) -> None:
+            nonlocal status, finished, streaming
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                if status == 200 and scope["state"].get("stream"):
+                    streaming = True
+                    metrics.open_streams.inc()
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                finished = time.perf_counter()
+                if streaming:
+                    streaming = False
+                    metrics.open_streams.dec()
+            await send(message)
+
+        body: list[bytes] | None = None
+        if self._log_bodies:
+            receive = _recorded(receive, body := [])
+        try:
+            await self._app(scope, receive, observed_send)
+        except BaseException:
+            status = status or 500
+            raise
+        finally:
+            metrics.in_flight.dec()
+            if streaming:
+                metrics.open_streams.dec()
+            duration = (finished or time.perf_counter()) - started
+            self._report(scope, status or _CLIENT_GONE, duration, span, body)
+
+    def _report(self, scope: Scope, status: int, duration: float, span: Any, body: list[bytes] | None) -> None:
+        route = scope.get("path_template") or "unmatched"
+        state = scope["state"]
+        reply: Reply | None = state.get("reply")
+        principal = state.get("principal")
+        key = principal.name if principal is not None else ""
+        model = state.get("model", "")
+        backend = (reply.backend if reply is not None else None) or state.get("backend", "")
+        usage = reply.usage if reply is not None else None
+        fields: dict[str, Any] = {}
+        try:
+            self._metrics.request_done(route, status, duration, model=model, backend=backend, key=key, reply=reply)
+            fields = {
+                "request_id": request_id(scope),
+                "key": key or None,
+                "tenant": state.get("tenant"),
+                "user": state.get("user") or _header(scope, b"x-user-id"),
+                "model": model or None,
+                "backend": backend or None,
+                "status": status,
+                "prompt_tokens": usage.prompt_tokens if usage is not None else None,
+                "completion_tokens": usage.completion_tokens if usage is not None else None,
+                "ttft_ms": _ms(reply.first_token) if reply is not None and reply.first_token is not None else None,
+                "duration_ms": _ms(duration),
+                "retries": reply.retries if reply is not None else 0,
+                "method": scope["method"],
+                "path": scope["path"],
+            }
+            if body is not None:
+                fields["request_body"] = b"".join(body)[:_BODY_LOG_LIMIT].decode("utf-8", "replace")
+                fields["reply"] = reply.message() if reply is not None else None
+            level = logging.DEBUG if route in _QUIET_ROUTES and status < 400 else logging.INFO
+            if access.isEnabledFor(level):
+                access.log(level, "%s %s %d", scope["method"], scope["path"], status, extra={"fields": fields})
+        except Exception:
+            log.exception("could not report request %s", request_id(scope))
+        finally:
+            if span is not None:
+                attributes = {
+                    "gateway.request_id": fields.get("request_id"),
+                    "gateway.key": key,
+                    "gen_ai.request.model": model,
+                    "gateway.backend": backend,
+                    "gen_ai.usage.input_tokens": fields.get("prompt_tokens"),
+                    "gen_ai.usage.output_tokens": fields.get("completion_tokens"),
+                }
+                self._tracing.end_request(span, route=route, status=status, attributes=attributes)
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 1)
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for header, value in scope["headers"]:
+        if header == name:
+            return value.decode("latin-1")
+    return None
+
+
+def _recorded(receive: Receive, into: list[bytes]) -> Receive:
+    """``receive``, keeping the request body's first bytes for the access line."""
+    size = 0
+
+    async def recording() -> Message:
+        nonlocal size
+        message = await receive()
+        if message["type"] == "http.request" and size < _BODY_LOG_LIMIT:
+            chunk = message.get("body", b"")
+            into.append(chunk)
+            size += len(chunk)
+        return message
+
+    return recording

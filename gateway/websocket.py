@@ -1,0 +1,309 @@
+"""``/v1/chat/ws``: chat completions over a WebSocket.
+
+The protocol, every frame text (a binary frame from the client is read as UTF-8 text)::
+
+    client -> gateway   a chat completion request: the body of POST /v1/chat/completions, with
+                        `conversation` if wanted; any number of them, one after the other
+    client -> gateway   {"type": "cancel"}: stop the request being answered
+    gateway -> client   "stream": true: each chunk as the upstream sent it (the `data:` of each SSE
+                        event, byte for byte), one per frame; otherwise the chat.completion object,
+                        one frame. Then [DONE].
+    gateway -> client   a failure: the OpenAI error object the POST would answer, {"error": {...}},
+                        then [DONE]. The HTTP status is not repeated: `type` and `code` say the same.
+
+Every request ends with exactly one ``[DONE]`` frame, non-stream requests and failures included, so a
+client waits for one end marker. As over SSE, an error frame right before it means the answer is
+incomplete; the socket stays open for the next request either way.
+
+Requests that arrive while one is being answered are queued and answered in order. A cancel applies
+to the request being answered (the oldest one its ``[DONE]`` has not ended yet) and is ignored when
+there is none. A cancelled request ends with a chunk of the stream's ``id``, ``model`` and ``created``
+whose ``choices`` are ``[{"index": 0, "delta": {}, "finish_reason": "cancelled"}]``, then ``[DONE]``;
+the upstream is closed first and the partial reply recorded as cancelled, as when an HTTP client
+leaves. A cancel that comes before the answer started (no chunk yet, or a non-stream request) gets
+the same frames at once, with ``id`` ``chatcmpl-<request id>`` and the requested model; the gateway
+lets that request finish in the background (see ``_abandon``). A client that disconnects stops the
+request being answered the same way and drops the queued ones.
+
+Authentication is the handshake's: the ``/v1`` guard reads ``Authorization`` (or ``api-key``) and
+refuses the upgrade without a valid key. Each request gets its own request id, the socket's (the
+client's ``x-request-id`` or a new one) with ``-1``, ``-2``... appended, sent upstream and kept in
+history as for HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import AsyncIterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+from litestar import Request, Response, WebSocket, websocket
+from litestar.datastructures import State
+from litestar.exceptions import WebSocketDisconnect
+from litestar.response import Stream
+from litestar.utils.scope.state import CONNECTION_STATE_KEY
+
+from gateway.api import _chat
+from gateway.errors import GatewayError, PayloadTooLarge, render
+from gateway.request import request_id
+from gateway.sse import DONE, event_data
+from gateway.stores.base import StoreUnavailable
+from gateway.wire import decode_chunk
+
+__all__ = ["chat_socket"]
+
+log = logging.getLogger("gateway.websocket")
+
+_DONE = DONE.decode()
+
+
+class _Frame(msgspec.Struct):
+    """What the gateway reads of a frame before handing it to the chat pipeline."""
+
+    type: str | None = None
+    model: str | None = None
+
+
+_frame = msgspec.json.Decoder(_Frame)
+
+
+@dataclass(slots=True)
+class _Job:
+    """One request frame, from its arrival to its ``[DONE]``."""
+
+    body: bytes
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@websocket("/chat/ws")
+async def chat_socket(socket: WebSocket, state: State) -> None:
+    await socket.accept()
+    await _Session(socket, state).serve()
+
+
+class _Session:
+    """One socket: a receive loop (this handler's task) and an answer loop (a task of its own), so a
+    cancel is read while an answer is being sent."""
+
+    def __init__(self, socket: WebSocket, state: State) -> None:
+        self.socket = socket
+        self.state = state
+        self.open = True
+        self.jobs: collections.deque[_Job] = collections.deque()
+        self.arrived = asyncio.Event()
+        self.answered = 0
+        self.socket_id = request_id(socket.scope)
+        self.abandoned: set[asyncio.Task[Any]] = set()
+
+    async def serve(self) -> None:
+        answering = asyncio.create_task(self._answer_all())
+        try:
+            await self._receive_all()
+        finally:
+            self._close()
+            # Shielded: the answer loop's clean-up (close the upstream, record the reply) must run
+            # even when the server cancels this handler on its way out.
+            ended = await asyncio.shield(asyncio.gather(answering, *self.abandoned, return_exceptions=True))
+            for result in ended:
+                if isinstance(result, Exception):
+                    log.error("websocket session failed", exc_info=result)
+
+    async def _receive_all(self) -> None:
+        while True:
+            message = await self.socket.receive()
+            if message["type"] != "websocket.receive":
+                return  # websocket.disconnect
+            text = message.get("text")
+            body = text.encode() if text is not None else message.get("bytes") or b""
+            if _is_cancel(body):
+                if self.jobs:
+                    self.jobs[0].stop.set()
+                continue
+            self.jobs.append(_Job(body))
+            self.arrived.set()
+
+    def _close(self) -> None:
+        self.open = False
+        if self.jobs:
+            self.jobs[0].stop.set()
+        self.arrived.set()
+
+    async def _answer_all(self) -> None:
+        while True:
+            while not self.jobs:
+                if not self.open:
+                    return
+                self.arrived.clear()
+                await self.arrived.wait()
+            if not self.open:
+                return  # the client left: its queued requests go unanswered
+            try:
+                await self._answer(self.jobs[0])
+            except Exception as exc:
+                # A bug of ours (render logs it): this request fails, the socket goes on.
+                await self._send(render(exc, self.socket_id).content)
+                await self._send(_DONE)
+            finally:
+                self.jobs.popleft()
+
+    async def _answer(self, job: _Job) -> None:
+        self.answered += 1
+        rid = f"{self.socket_id}-{self.answered}"
+        if job.stop.is_set():
+            await self._cancelled(f"chatcmpl-{rid}", _model_of(job.body), int(time.time()))
+            return
+        try:
+            if len(job.body) > self.state.settings.server.max_body_size:
+                raise PayloadTooLarge("Request body is larger than the gateway accepts ([server] max_body_size).")
+            # _chat reads only the scope and the headers of its request. Each request gets a scope
+            # of its own: its own request id, and its own notes (model, reply...) for observers.
+            state = {k: v for k, v in self.socket.scope["state"].items() if k != CONNECTION_STATE_KEY}
+            request: Request[Any, Any, Any] = Request({**self.socket.scope, "state": {**state, "request_id": rid}})
+            chatting = asyncio.ensure_future(_chat(request, self.state, job.body))
+            if not await _first(chatting, job.stop):
+                self._abandon(chatting)
+                await self._cancelled(f"chatcmpl-{rid}", _model_of(job.body), int(time.time()))
+                return
+            response = chatting.result()
+        except Exception as exc:
+            await self._send(render(exc, rid).content)
+            await self._send(_DONE)
+            return
+        if isinstance(response, Stream):
+            await self._relay(response, job, rid)
+            return
+        try:
+            await self._send(response.content)
+        finally:
+            await _background(response)
+        await self._send(_DONE)
+
+    async def _relay(self, stream: Stream, job: _Job, rid: str) -> None:
+        head: dict[str, Any] = {}
+        pumping = asyncio.ensure_future(self._pump(stream.iterator, head))
+        try:
+            await _first(pumping, job.stop)
+        finally:
+            if not pumping.done():
+                pumping.cancel()
+                await asyncio.wait((pumping,))
+            # The relay's generator closes the upstream when closed, and the background records the
+            # reply: a stream stopped part-way is recorded as cancelled.
+            aclose = getattr(stream.iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
+            await _background(stream)
+        if pumping.cancelled():
+            # No head when the cancel came before the first chunk went out.
+            chunk_id = head.get("id") or f"chatcmpl-{rid}"
+            await self._cancelled(chunk_id, head.get("model") or _model_of(job.body), head.get("created"))
+            return
+        pumping.result()  # a bug in the pump: raise it
+        await self._send(_DONE)
+
+    async def _pump(self, events: AsyncIterable[str | bytes], head: dict[str, Any]) -> None:
+        """Send the data of each event as a frame, except the upstream's ``[DONE]``: the gateway sends
+        its own, once the stream is over."""
+        async for item in events:
+            raw = item.encode() if isinstance(item, str) else item
+            for event in raw.split(b"\n\n")[:-1]:  # items are whole events, each ending in a blank line
+                data = event_data(event + b"\n\n")
+                if data is None or data == DONE:
+                    continue
+                if not head:
+                    _learn(head, data)
+                if not await self._send(data):
+                    return
+
+    async def _cancelled(self, chunk_id: str, model: str | None, created: int | None) -> None:
+        chunk = {
+            "id": chunk_id,
+            "object": "chat.completion.chunk",
+            "created": created if created is not None else int(time.time()),
+            "model": model or "",
+            "choices": [{"index": 0, "delta": {}, "finish_reason": "cancelled"}],
+        }
+        await self._send(msgspec.json.encode(chunk))
+        await self._send(_DONE)
+
+    def _abandon(self, chatting: asyncio.Future[Response[bytes] | Stream]) -> None:
+        """Let a request stopped before its answer started run to its end in the background, then drop
+        the answer: the chat pipeline settles its rate-limit reservation and records the reply only
+        once it has returned, so cancelling it half-way would hold the key's parallel slot until its
+        lease expires."""
+        task = asyncio.ensure_future(_drop(chatting))
+        self.abandoned.add(task)
+        task.add_done_callback(self.abandoned.discard)
+
+    async def _send(self, frame: bytes | str) -> bool:
+        """Send one text frame; False, and the session closed, when the client is gone."""
+        if not self.open:
+            return False
+        try:
+            await self.socket.send_text(frame if isinstance(frame, str) else frame.decode("utf-8", "replace"))
+        except (WebSocketDisconnect, OSError, RuntimeError):
+            # OSError: uvicorn's ClientDisconnected; RuntimeError: sending after the close was seen.
+            self._close()
+            return False
+        return True
+
+
+def _is_cancel(body: bytes) -> bool:
+    if b"cancel" not in body:
+        return False  # most frames are requests: skip decoding them twice
+    try:
+        return _frame.decode(body).type == "cancel"
+    except msgspec.DecodeError:  # ValidationError included
+        return False
+
+
+def _model_of(body: bytes) -> str | None:
+    try:
+        return _frame.decode(body).model
+    except msgspec.DecodeError:
+        return None
+
+
+def _learn(head: dict[str, Any], data: bytes) -> None:
+    """The stream's id, model and created, from its first chunk that has them."""
+    try:
+        chunk = decode_chunk(data)
+    except msgspec.DecodeError:
+        return
+    if chunk.id is not None:
+        head.update(id=chunk.id, model=chunk.model, created=chunk.created)
+
+
+async def _first(work: asyncio.Future[Any], stop: asyncio.Event) -> bool:
+    """Wait for ``work`` or ``stop``, whichever comes first; True when ``work`` is done."""
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait((work, stopped), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+    return work.done()
+
+
+async def _background(response: Response[Any]) -> None:
+    if response.background is not None:
+        await response.background()
+
+
+async def _drop(chatting: asyncio.Future[Response[bytes] | Stream]) -> None:
+    try:
+        response = await chatting
+    except (GatewayError, StoreUnavailable):
+        return  # the pipeline released what it held; nobody is waiting for the error
+    except Exception:
+        log.exception("a request cancelled before its answer failed")
+        return
+    if isinstance(response, Stream):
+        aclose = getattr(response.iterator, "aclose", None)
+        if aclose is not None:
+            await aclose()
+    await _background(response)
