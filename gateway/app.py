@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -160,6 +161,9 @@ def create_app(
             stack.push_async_callback(history.drain, _HISTORY_DRAIN_SECONDS)
             # ... and before that, resumable generations get the grace period; then they stop, readable.
             stack.push_async_callback(generations.shutdown, settings.shutdown.grace_period)
+            # What start-up built lives as long as the app: keep it out of every collection, so a
+            # full collection walks only what requests allocate (pauses of 50-200 ms otherwise).
+            gc.freeze()
             yield
 
     cors = settings.server.cors_origins

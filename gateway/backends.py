@@ -47,12 +47,15 @@ class Backend:
     """One upstream server and what the gateway currently knows of it."""
 
     __slots__ = (
+        "_timeouts",
+        "_urls",
         "base_url",
         "client",
         "discovers",
         "ejected_until",
         "ejections",
         "failures",
+        "header_list",
         "headers",
         "in_flight",
         "kind",
@@ -61,8 +64,9 @@ class Backend:
         "patterns",
         "reason",
         "settings",
-        "timeouts",
+        "stream_timeout",
         "trial",
+        "unary_timeout",
         "up",
         "weight",
     )
@@ -77,6 +81,11 @@ class Backend:
         self.client = client
         self.base_url = (settings.base_url or f"http://{settings.name}.mock/v1").rstrip("/")
         self.headers = {"authorization": f"Bearer {settings.api_key}"} if settings.api_key else {}
+        # The fixed part of every upstream request's headers, encoded once.
+        self.header_list: list[tuple[bytes, bytes]] = [(b"content-type", b"application/json")] + [
+            (name.encode(), value.encode()) for name, value in self.headers.items()
+        ]
+        self._urls: dict[str, httpx.URL] = {}
         defaults = timeouts or TimeoutSettings()
         self.timeouts = settings.timeouts.over(defaults) if settings.timeouts else defaults
         configured = settings.models
@@ -98,6 +107,27 @@ class Backend:
         self.ejected_until = 0.0
         self.ejections = 0
         self.trial = False
+
+    @property
+    def timeouts(self) -> TimeoutSettings:
+        return self._timeouts
+
+    @timeouts.setter
+    def timeouts(self, timeouts: TimeoutSettings) -> None:
+        self._timeouts = timeouts
+        # httpx's read timeout bounds every single read: between two stream events that is the idle
+        # timeout; a non-streamed reply comes whole once the model has finished, so there the total.
+        self.stream_timeout = httpx.Timeout(connect=timeouts.connect, read=timeouts.idle, write=timeouts.idle,
+                                            pool=timeouts.connect)
+        self.unary_timeout = httpx.Timeout(connect=timeouts.connect, read=timeouts.total, write=timeouts.idle,
+                                           pool=timeouts.connect)
+
+    def url(self, path: str) -> httpx.URL:
+        """``base_url + path``, parsed once."""
+        url = self._urls.get(path)
+        if url is None:
+            url = self._urls[path] = httpx.URL(self.base_url + path)
+        return url
 
     def available(self, now: float) -> bool:
         """Up, and not ejected; past its cooldown, an ejected backend is available for one trial."""

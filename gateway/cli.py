@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import gc
 import logging
 import os
 import shutil
@@ -89,6 +90,9 @@ def _serve(settings: Settings, source: str) -> int:
         proxy_headers=False,
         server_header=False,
     )
+    # Requests allocate many short-lived objects; collecting the youngest generation every 700
+    # allocations costs more than it frees. Measured: same CPU, shorter and fewer pauses.
+    gc.set_threshold(10_000, 20, 50)
     shutdown = settings.shutdown
     options["timeout_graceful_shutdown"] = shutdown.grace_period
     if server.workers > 1:

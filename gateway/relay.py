@@ -44,7 +44,7 @@ from gateway.reply import Reply
 from gateway.routing import Route, Target
 from gateway.settings import Settings
 from gateway.sse import DONE, EventSplitter, event_data, format_event
-from gateway.upstream import open_response, upstream_timeout
+from gateway.upstream import open_response
 from gateway.wire import ErrorDetail, decode_chunk, decode_completion, rewrite_fields
 
 __all__ = ["STREAM_HEADERS", "StreamRelay", "forward"]
@@ -228,7 +228,7 @@ async def _unary(
                 body,
                 request_id=request_id,
                 stream=False,
-                timeout=upstream_timeout(timeouts, stream=False),
+                timeout=backend.unary_timeout,
             )
             try:
                 with upstream_errors(backend.name):
@@ -327,9 +327,12 @@ class StreamRelay:
                     body,
                     request_id=request_id,
                     stream=True,
-                    timeout=upstream_timeout(self._timeouts, stream=True),
+                    timeout=self._backend.stream_timeout,
                 )
-                self._chunks = self._response.aiter_bytes()
+                # The raw bytes, unless the upstream compressed them (it was not asked to): httpx's
+                # decoding layers cost a few microseconds a chunk for nothing.
+                compressed = "content-encoding" in self._response.headers
+                self._chunks = self._response.aiter_bytes() if compressed else self._response.aiter_raw()
                 with upstream_errors(self._backend.name):
                     async for chunk in self._chunks:
                         if out := self._take(chunk):

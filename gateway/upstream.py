@@ -3,6 +3,11 @@
 The body is sent as the client wrote it (after the rewrites the handler chose). An error status is
 read whole and raised as :class:`~gateway.errors.UpstreamStatus`, before anything reaches the client;
 a success is returned unread, for the caller to relay.
+
+The request goes straight to the client's transport, with a URL parsed once per backend and path:
+``AsyncClient.send`` would merge cookies, auth and default headers and check redirects on every call,
+which measured as 40% of the upstream call's CPU (README, Performance). Nothing is lost: the gateway
+sets every header it sends, and the client's request hooks (tracing) still run.
 """
 
 from __future__ import annotations
@@ -11,23 +16,11 @@ import httpx
 
 from gateway.backends import Backend
 from gateway.errors import UpstreamStatus, upstream_errors
-from gateway.settings import TimeoutSettings
 
-__all__ = ["open_response", "upstream_timeout"]
+__all__ = ["open_response"]
 
 # Headers of an upstream error worth passing on: the SDK's backoff reads them.
 _PASSED_ON_ERROR = ("retry-after", "retry-after-ms", "x-ratelimit-reset-requests", "x-ratelimit-reset-tokens")
-
-
-def upstream_timeout(timeouts: TimeoutSettings, *, stream: bool) -> httpx.Timeout:
-    """httpx's read timeout bounds every single read: between two stream events that is the idle
-    timeout; for a non-streamed reply, which comes whole after the model has finished, the total."""
-    return httpx.Timeout(
-        connect=timeouts.connect,
-        read=timeouts.idle if stream else timeouts.total,
-        write=timeouts.idle,
-        pool=timeouts.connect,
-    )
 
 
 async def open_response(
@@ -39,17 +32,19 @@ async def open_response(
     stream: bool,
     timeout: httpx.Timeout,
 ) -> httpx.Response:
-    headers = {
-        **backend.headers,
-        "content-type": "application/json",
-        "accept": "text/event-stream" if stream else "application/json",
-        "x-request-id": request_id,
-    }
-    request = backend.client.build_request(
-        "POST", backend.base_url + path, content=body, headers=headers, timeout=timeout
-    )
+    headers = [
+        *backend.header_list,
+        (b"accept", b"text/event-stream" if stream else b"application/json"),
+        (b"x-request-id", request_id.encode()),
+    ]
+    request = httpx.Request("POST", backend.url(path), content=body, headers=headers,
+                            extensions={"timeout": timeout.as_dict()})
+    client = backend.client
+    for hook in client.event_hooks["request"]:
+        await hook(request)
     with upstream_errors(backend.name):
-        response = await backend.client.send(request, stream=True)
+        response = await client._transport.handle_async_request(request)
+        response.request = request
         if response.status_code >= 400:
             try:
                 content = await response.aread()
