@@ -21,13 +21,14 @@ there is none. A cancelled request ends with a chunk of the stream's ``id``, ``m
 whose ``choices`` are ``[{"index": 0, "delta": {}, "finish_reason": "cancelled"}]``, then ``[DONE]``;
 the upstream is closed first and the partial reply recorded as cancelled, as when an HTTP client
 leaves. A cancel that comes before the answer started (no chunk yet, or a non-stream request) gets
-the same frames at once, with ``id`` ``chatcmpl-<request id>`` and the requested model; the gateway
-lets that request finish in the background (see ``_abandon``). A client that disconnects stops the
-request being answered the same way and drops the queued ones.
+the same frames at once, with ``id`` ``chatcmpl-<request id>`` and the requested model, while the
+request runs to its end in the background (see ``_abandon``). A client that disconnects stops the
+request being answered the same way, and its queued requests are dropped; a resumable stream
+(gateway/resumable.py) is left running then, for the client to resume.
 
 Authentication is the handshake's: the ``/v1`` guard reads ``Authorization`` (or ``api-key``) and
 refuses the upgrade without a valid key. Each request gets its own request id, the socket's (the
-client's ``x-request-id`` or a new one) with ``-1``, ``-2``... appended, sent upstream and kept in
+client's ``x-request-id`` or a new one) with ``-1``, ``-2``... appended, which goes upstream and into
 history as for HTTP.
 """
 
@@ -50,16 +51,18 @@ from litestar.utils.scope.state import CONNECTION_STATE_KEY
 
 from gateway.api import _chat
 from gateway.errors import GatewayError, PayloadTooLarge, render
+from gateway.reply import Reply
 from gateway.request import request_id
 from gateway.sse import DONE, event_data
 from gateway.stores.base import StoreUnavailable
-from gateway.wire import decode_chunk
 
 __all__ = ["chat_socket"]
 
 log = logging.getLogger("gateway.websocket")
 
 _DONE = DONE.decode()
+_RESUMABLE_GRACE = 5.0
+"""Seconds a cancelled resumable generation has to end its stream before the socket stops following it."""
 
 
 class _Frame(msgspec.Struct):
@@ -87,7 +90,7 @@ async def chat_socket(socket: WebSocket, state: State) -> None:
 
 
 class _Session:
-    """One socket: a receive loop (this handler's task) and an answer loop (a task of its own), so a
+    """One socket: a receive loop (the handler's task) and an answer loop (a task of its own), so a
     cancel is read while an answer is being sent."""
 
     def __init__(self, socket: WebSocket, state: State) -> None:
@@ -98,7 +101,7 @@ class _Session:
         self.arrived = asyncio.Event()
         self.answered = 0
         self.socket_id = request_id(socket.scope)
-        self.abandoned: set[asyncio.Task[Any]] = set()
+        self.abandoned: set[asyncio.Task[None]] = set()
 
     async def serve(self) -> None:
         answering = asyncio.create_task(self._answer_all())
@@ -106,12 +109,17 @@ class _Session:
             await self._receive_all()
         finally:
             self._close()
-            # Shielded: the answer loop's clean-up (close the upstream, record the reply) must run
-            # even when the server cancels this handler on its way out.
-            ended = await asyncio.shield(asyncio.gather(answering, *self.abandoned, return_exceptions=True))
-            for result in ended:
-                if isinstance(result, Exception):
-                    log.error("websocket session failed", exc_info=result)
+            # Shielded: closing the upstream and recording the reply must happen even when the server
+            # cancels this handler on its way out.
+            await asyncio.shield(self._wind_down(answering))
+
+    async def _wind_down(self, answering: asyncio.Task[None]) -> None:
+        try:
+            await answering
+        except Exception:
+            log.exception("websocket session %s failed", self.socket_id)
+        # Then the requests stopped before their answer started, some perhaps by the close itself.
+        await asyncio.gather(*self.abandoned, return_exceptions=True)
 
     async def _receive_all(self) -> None:
         while True:
@@ -154,20 +162,21 @@ class _Session:
     async def _answer(self, job: _Job) -> None:
         self.answered += 1
         rid = f"{self.socket_id}-{self.answered}"
-        if job.stop.is_set():
-            await self._cancelled(f"chatcmpl-{rid}", _model_of(job.body), int(time.time()))
+        # _chat reads only its request's scope and headers. Each request gets a scope state of its own:
+        # its request id, and what _chat notes there (model, reply...), as an HTTP request would.
+        noted = {k: v for k, v in self.socket.scope["state"].items() if k != CONNECTION_STATE_KEY}
+        noted["request_id"] = rid
+        if job.stop.is_set():  # cancelled while queued
+            await self._cancelled(job, noted)
             return
         try:
             if len(job.body) > self.state.settings.server.max_body_size:
                 raise PayloadTooLarge("Request body is larger than the gateway accepts ([server] max_body_size).")
-            # _chat reads only the scope and the headers of its request. Each request gets a scope
-            # of its own: its own request id, and its own notes (model, reply...) for observers.
-            state = {k: v for k, v in self.socket.scope["state"].items() if k != CONNECTION_STATE_KEY}
-            request: Request[Any, Any, Any] = Request({**self.socket.scope, "state": {**state, "request_id": rid}})
+            request: Request[Any, Any, Any] = Request({**self.socket.scope, "state": noted})
             chatting = asyncio.ensure_future(_chat(request, self.state, job.body))
             if not await _first(chatting, job.stop):
-                self._abandon(chatting)
-                await self._cancelled(f"chatcmpl-{rid}", _model_of(job.body), int(time.time()))
+                self._abandon(chatting, noted)
+                await self._cancelled(job, noted)
                 return
             response = chatting.result()
         except Exception as exc:
@@ -175,7 +184,7 @@ class _Session:
             await self._send(_DONE)
             return
         if isinstance(response, Stream):
-            await self._relay(response, job, rid)
+            await self._relay(response, job, noted)
             return
         try:
             await self._send(response.content)
@@ -183,62 +192,81 @@ class _Session:
             await _background(response)
         await self._send(_DONE)
 
-    async def _relay(self, stream: Stream, job: _Job, rid: str) -> None:
-        head: dict[str, Any] = {}
-        pumping = asyncio.ensure_future(self._pump(stream.iterator, head))
+    async def _relay(self, stream: Stream, job: _Job, noted: dict[str, Any]) -> None:
+        pumping = asyncio.ensure_future(self._pump(stream.iterator))
         try:
-            await _first(pumping, job.stop)
+            stopped = not await _first(pumping, job.stop)
+            if stopped and self.open and stream.background is None:
+                # No background work: the stream follows a resumable generation, which a producer task
+                # runs (gateway/resumable.py) and which outlives this stream. Its own cancel stops it
+                # and ends its stream with the cancelled chunk, for the pump to forward.
+                await self.state.generations.cancel(_completion_id(noted))
+                await asyncio.wait((pumping,), timeout=_RESUMABLE_GRACE)
         finally:
             if not pumping.done():
                 pumping.cancel()
                 await asyncio.wait((pumping,))
-            # The relay's generator closes the upstream when closed, and the background records the
+            # Closing the relay's generator closes the upstream, and its background work records the
             # reply: a stream stopped part-way is recorded as cancelled.
             aclose = getattr(stream.iterator, "aclose", None)
             if aclose is not None:
                 await aclose()
             await _background(stream)
         if pumping.cancelled():
-            # No head when the cancel came before the first chunk went out.
-            chunk_id = head.get("id") or f"chatcmpl-{rid}"
-            await self._cancelled(chunk_id, head.get("model") or _model_of(job.body), head.get("created"))
+            await self._cancelled(job, noted)
             return
         pumping.result()  # a bug in the pump: raise it
         await self._send(_DONE)
 
-    async def _pump(self, events: AsyncIterable[str | bytes], head: dict[str, Any]) -> None:
-        """Send the data of each event as a frame, except the upstream's ``[DONE]``: the gateway sends
+    async def _pump(self, events: AsyncIterable[str | bytes]) -> None:
+        """Send the data of each event as a frame, but for the upstream's ``[DONE]``: the gateway sends
         its own, once the stream is over."""
         async for item in events:
             raw = item.encode() if isinstance(item, str) else item
             for event in raw.split(b"\n\n")[:-1]:  # items are whole events, each ending in a blank line
                 data = event_data(event + b"\n\n")
-                if data is None or data == DONE:
-                    continue
-                if not head:
-                    _learn(head, data)
-                if not await self._send(data):
+                if data is not None and data != DONE and not await self._send(data):
                     return
 
-    async def _cancelled(self, chunk_id: str, model: str | None, created: int | None) -> None:
+    async def _cancelled(self, job: _Job, noted: dict[str, Any]) -> None:
+        """The last chunk of a cancelled request, named as the stream's chunks were when it had some."""
+        reply: Reply | None = noted.get("reply")
+        named = reply if reply is not None and reply.id is not None else None
         chunk = {
-            "id": chunk_id,
+            "id": _completion_id(noted),
             "object": "chat.completion.chunk",
-            "created": created if created is not None else int(time.time()),
-            "model": model or "",
+            "created": named.created if named is not None and named.created is not None else int(time.time()),
+            "model": (named.model if named is not None else None) or _model_of(job.body) or "",
             "choices": [{"index": 0, "delta": {}, "finish_reason": "cancelled"}],
         }
         await self._send(msgspec.json.encode(chunk))
         await self._send(_DONE)
 
-    def _abandon(self, chatting: asyncio.Future[Response[bytes] | Stream]) -> None:
+    def _abandon(self, chatting: asyncio.Future[Response[bytes] | Stream], noted: dict[str, Any]) -> None:
         """Let a request stopped before its answer started run to its end in the background, then drop
-        the answer: the chat pipeline settles its rate-limit reservation and records the reply only
-        once it has returned, so cancelling it half-way would hold the key's parallel slot until its
-        lease expires."""
-        task = asyncio.ensure_future(_drop(chatting))
+        the answer. _chat settles the key's rate-limit reservation and records the reply only once it
+        has returned: cancelling it half-way would hold a parallel slot until its lease expires."""
+        task = asyncio.ensure_future(self._drop(chatting, noted, cancelled=self.open))
         self.abandoned.add(task)
         task.add_done_callback(self.abandoned.discard)
+
+    async def _drop(
+        self, chatting: asyncio.Future[Response[bytes] | Stream], noted: dict[str, Any], *, cancelled: bool
+    ) -> None:
+        try:
+            response = await chatting
+        except (GatewayError, StoreUnavailable):
+            return  # the pipeline released what it held; nobody waits for the error
+        except Exception:
+            log.exception("request %s, cancelled before its answer, failed", noted["request_id"])
+            return
+        if isinstance(response, Stream):
+            if cancelled and response.background is None:
+                await self.state.generations.cancel(_completion_id(noted))  # resumable: see _relay
+            aclose = getattr(response.iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        await _background(response)
 
     async def _send(self, frame: bytes | str) -> bool:
         """Send one text frame; False, and the session closed, when the client is gone."""
@@ -247,7 +275,7 @@ class _Session:
         try:
             await self.socket.send_text(frame if isinstance(frame, str) else frame.decode("utf-8", "replace"))
         except (WebSocketDisconnect, OSError, RuntimeError):
-            # OSError: uvicorn's ClientDisconnected; RuntimeError: sending after the close was seen.
+            # OSError: uvicorn's ClientDisconnected; RuntimeError: a send after the close was seen.
             self._close()
             return False
         return True
@@ -255,7 +283,7 @@ class _Session:
 
 def _is_cancel(body: bytes) -> bool:
     if b"cancel" not in body:
-        return False  # most frames are requests: skip decoding them twice
+        return False  # most frames are requests: spare them a second decoding
     try:
         return _frame.decode(body).type == "cancel"
     except msgspec.DecodeError:  # ValidationError included
@@ -269,14 +297,10 @@ def _model_of(body: bytes) -> str | None:
         return None
 
 
-def _learn(head: dict[str, Any], data: bytes) -> None:
-    """The stream's id, model and created, from its first chunk that has them."""
-    try:
-        chunk = decode_chunk(data)
-    except msgspec.DecodeError:
-        return
-    if chunk.id is not None:
-        head.update(id=chunk.id, model=chunk.model, created=chunk.created)
+def _completion_id(noted: dict[str, Any]) -> str:
+    """The id of the request's chunks; before the first, the one resumable generations use."""
+    reply: Reply | None = noted.get("reply")
+    return (reply.id if reply is not None else None) or f"chatcmpl-{noted['request_id']}"
 
 
 async def _first(work: asyncio.Future[Any], stop: asyncio.Event) -> bool:
@@ -292,18 +316,3 @@ async def _first(work: asyncio.Future[Any], stop: asyncio.Event) -> bool:
 async def _background(response: Response[Any]) -> None:
     if response.background is not None:
         await response.background()
-
-
-async def _drop(chatting: asyncio.Future[Response[bytes] | Stream]) -> None:
-    try:
-        response = await chatting
-    except (GatewayError, StoreUnavailable):
-        return  # the pipeline released what it held; nobody is waiting for the error
-    except Exception:
-        log.exception("a request cancelled before its answer failed")
-        return
-    if isinstance(response, Stream):
-        aclose = getattr(response.iterator, "aclose", None)
-        if aclose is not None:
-            await aclose()
-    await _background(response)
