@@ -390,6 +390,20 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer | SharedRedis]:
         server.stop()
 
 
+@pytest.fixture(scope="module")
+def redis_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer | SharedRedis]:
+    """One redis-server for the module (or $REDIS_URL's, as conftest's `redis_server`)."""
+    shared = os.environ.get("REDIS_URL")
+    if shared:
+        yield SharedRedis(shared)
+        return
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
 @pytest.fixture
 def redis_url(redis_server: RedisServer | SharedRedis) -> str:
     return redis_server.url

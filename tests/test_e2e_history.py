@@ -53,13 +53,6 @@ models = ["fake-model"]
 
 
 @pytest.fixture(scope="module")
-def redis_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def gateway(
     upstream_server: Upstream, redis_module: RedisServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Gateway]:

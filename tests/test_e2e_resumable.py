@@ -30,15 +30,9 @@ models = ["fake-model"]
 
 
 @pytest.fixture(scope="module")
-def redis_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def replicas(upstream_server: Upstream, redis_module: RedisServer, tmp_path_factory: pytest.TempPathFactory
-             ) -> Iterator[tuple[Gateway, Gateway]]:
+def replicas(
+    upstream_server: Upstream, redis_module: RedisServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Gateway, Gateway]]:
     directory = tmp_path_factory.mktemp("gateways")
     path = directory / "gateway.toml"
     path.write_text(config(upstream_server, redis_module.url))
@@ -83,20 +77,29 @@ def text_of(received: list[tuple[str, str]]) -> str:
 
 def start_stream(gateway: Gateway, limit: int, **extra: Any) -> list[tuple[str, str]]:
     """Open a resumable stream, read ``limit`` events, drop the connection."""
-    body = {"model": "fake-model", "messages": MESSAGES, "stream": True, "max_tokens": 20,
-            "fake_token_delay": 0.05, **extra}
-    with httpx.stream("POST", f"{gateway.base_url}/chat/completions", json=body, timeout=10,
-                      headers={"x-resumable": "true"}) as response:
+    body = {
+        "model": "fake-model",
+        "messages": MESSAGES,
+        "stream": True,
+        "max_tokens": 20,
+        "fake_token_delay": 0.05,
+        **extra,
+    }
+    with httpx.stream(
+        "POST", f"{gateway.base_url}/chat/completions", json=body, timeout=10, headers={"x-resumable": "true"}
+    ) as response:
         assert response.status_code == 200
         return events(response.iter_lines(), limit)
 
 
-def resume(gateway: Gateway, completion_id: str, *, last_event_id: str | None = None,
-           starting_after: int | None = None) -> list[tuple[str, str]]:
+def resume(
+    gateway: Gateway, completion_id: str, *, last_event_id: str | None = None, starting_after: int | None = None
+) -> list[tuple[str, str]]:
     headers = {"last-event-id": last_event_id} if last_event_id else {}
     params = {"starting_after": starting_after} if starting_after is not None else {}
-    with httpx.stream("GET", f"{gateway.base_url}/chat/completions/{completion_id}/stream", headers=headers,
-                      params=params, timeout=10) as response:
+    with httpx.stream(
+        "GET", f"{gateway.base_url}/chat/completions/{completion_id}/stream", headers=headers, params=params, timeout=10
+    ) as response:
         assert response.status_code == 200, response.read()
         return events(response.iter_lines())
 
@@ -130,8 +133,9 @@ def test_resumed_on_another_replica_gets_exactly_the_missing_events(
     assert resume(second, completion_id) == seen + rest
 
 
-def test_generation_continues_and_is_recorded_after_the_client_left(replicas: tuple[Gateway, Gateway],
-                                                                   upstream: Upstream) -> None:
+def test_generation_continues_and_is_recorded_after_the_client_left(
+    replicas: tuple[Gateway, Gateway], upstream: Upstream
+) -> None:
     seen = start_stream(replicas[0], 2)
     completion_id = seen[0][0].rsplit("/", 1)[0]
     client = replicas[1].client()
@@ -149,8 +153,14 @@ def test_generation_continues_and_is_recorded_after_the_client_left(replicas: tu
 
 def test_cancel_from_another_replica(replicas: tuple[Gateway, Gateway], upstream: Upstream) -> None:
     first, second = replicas
-    body = {"model": "fake-model", "messages": MESSAGES, "stream": True, "max_tokens": 200,
-            "fake_token_delay": 0.05, "background": True}
+    body = {
+        "model": "fake-model",
+        "messages": MESSAGES,
+        "stream": True,
+        "max_tokens": 200,
+        "fake_token_delay": 0.05,
+        "background": True,
+    }
     with httpx.stream("POST", f"{first.base_url}/chat/completions", json=body, timeout=10) as response:
         lines = response.iter_lines()
         head = events(lines, 3)
@@ -163,7 +173,7 @@ def test_cancel_from_another_replica(replicas: tuple[Gateway, Gateway], upstream
     assert tail[-1][1] == "[DONE]"
     assert json.loads(tail[-2][1])["choices"][0]["finish_reason"] == "cancelled"
     upstream.wait_event("disconnect")
-    assert "background" not in [r for r in upstream.requests() if r["path"] == "/v1/chat/completions"][0]["body"]
+    assert "background" not in next(r for r in upstream.requests() if r["path"] == "/v1/chat/completions")["body"]
     client = second.client()
     deadline = time.monotonic() + 5
     while True:

@@ -7,8 +7,7 @@ started by the next one. Tests that are about one store only say so and skip the
 from __future__ import annotations
 
 import asyncio
-import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import pytest
@@ -115,20 +114,6 @@ async def walk(list_page: Callable[..., Awaitable[tuple[list[Any], bool] | None]
 
 
 # Fixtures ------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def redis_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer | SharedRedis]:
-    """One redis-server for the module (or $REDIS_URL's, as conftest's `redis_server`)."""
-    shared = os.environ.get("REDIS_URL")
-    if shared:
-        yield SharedRedis(shared)
-        return
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    try:
-        yield server.start()
-    finally:
-        server.stop()
 
 
 def redis_client(url: str) -> Redis:
