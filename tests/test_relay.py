@@ -433,13 +433,12 @@ async def test_guard_stops_a_looping_stream(httpx_mock: HTTPXMock, backend: Back
 
 
 async def test_every_event_numbered_with_the_completion_id(httpx_mock: HTTPXMock, backend: Backend) -> None:
-    httpx_mock.add_response(url=URL, stream=Chunks(chunk("a") + chunk("b"), b": keep-alive\n\n", chunk("c", "stop"),
-                                                   DONE))
-    response = await forward(route(backend), "/chat/completions", b"{}", request_id="r", stream=True,
-                             settings=SETTINGS)
+    httpx_mock.add_response(
+        url=URL, stream=Chunks(chunk("a") + chunk("b"), b": keep-alive\n\n", chunk("c", "stop"), DONE)
+    )
+    response = await forward(route(backend), "/chat/completions", b"{}", request_id="r", stream=True, settings=SETTINGS)
     body = b"".join([part async for part in response.iterator])  # type: ignore[union-attr]
     await response.background()  # type: ignore[misc]
-    assert re.findall(rb"(?m)^id: (.*)$", body) == [b"chatcmpl-1/0", b"chatcmpl-1/1", b"chatcmpl-1/2",
-                                                    b"chatcmpl-1/3"]
+    assert re.findall(rb"(?m)^id: (.*)$", body) == [b"chatcmpl-1/0", b"chatcmpl-1/1", b"chatcmpl-1/2", b"chatcmpl-1/3"]
     assert b": keep-alive\n\n" in body  # comments pass, unnumbered
     assert body.endswith(b"id: chatcmpl-1/3\ndata: [DONE]\n\n")
