@@ -18,7 +18,6 @@ from gateway.stores.base import Item
 from gateway.tokens import estimate_text
 
 __all__ = [
-    "item_text",
     "items_to_messages",
     "merge",
     "messages_to_items",
@@ -165,10 +164,6 @@ def new_turn(history: list[Item], request: list[dict[str, Any]]) -> list[dict[st
     not stored again each turn."""
     stored_system = [m for m in items_to_messages(history) if m["role"] in _SYSTEM_ROLES]
     return [m for m in request if not (m.get("role") in _SYSTEM_ROLES and _as_chat(m) in stored_system)]
-
-
-def item_text(item: Item) -> str:
-    return _text(item.get("content")) if item.get("type") == "message" else str(item.get("output") or "")
 
 
 def _as_chat(message: dict[str, Any]) -> dict[str, Any]:

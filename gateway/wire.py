@@ -31,7 +31,6 @@ __all__ = [
     "NewConversation",
     "NewItems",
     "RoutedRequest",
-    "StreamOptions",
     "ToolCallDelta",
     "Usage",
     "decode_chat",
@@ -51,10 +50,6 @@ class Wire(msgspec.Struct, omit_defaults=True):
     are ignored on decode (msgspec's default), which is what a proxy reading a subset of an evolving
     API needs; ``forbid_unknown_fields`` belongs on the config Structs only.
     """
-
-
-class StreamOptions(Wire):
-    include_usage: bool | None = None
 
 
 class RoutedRequest(Wire):
