@@ -20,10 +20,12 @@ ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 
 # Dependencies first, in their own layer, so that editing the gateway's code does not reinstall them.
-# Every dependency ships wheels for linux x86_64 and aarch64, so no compiler is needed.
+# Every dependency ships wheels for linux x86_64 and aarch64, so no compiler is needed. The `otel`
+# extra is included: tracing stays off until OTEL_EXPORTER_OTLP_ENDPOINT is set.
 COPY pyproject.toml ./
 RUN --mount=type=cache,target=/root/.cache/pip \
-    python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+    python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+print('\n'.join(p['dependencies'] + p['optional-dependencies']['otel']))" \
         > /tmp/requirements.txt \
     && pip install -r /tmp/requirements.txt
 

@@ -194,6 +194,21 @@ def test_label_values_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     assert text.get("gateway_requests_total", route=CHAT, model="other", backend="x", status="200") == 2
 
 
+def test_observe_all_counts_as_observe_does() -> None:
+    values = [0.0, 0.001, 0.0015, 0.02, 0.02, 0.3, 5.12, 7.0, 1e9, 0.0025]
+    one_by_one, at_once = Metrics(CollectorRegistry()), Metrics(CollectorRegistry())
+    for value in values:
+        one_by_one.inter_token.labels("m").observe(value)
+    metrics_module.observe_all(at_once.inter_token.labels("m"), values)
+    assert one_by_one.registry is not None and at_once.registry is not None
+    expected = Scrape(generate_latest(one_by_one.registry).decode()).samples
+    got = Scrape(generate_latest(at_once.registry).decode()).samples
+    counted = ("gateway_inter_token_seconds_bucket", "gateway_inter_token_seconds_count")
+    assert {k: v for k, v in got.items() if k[0] in counted} == {k: v for k, v in expected.items() if k[0] in counted}
+    assert got[("gateway_inter_token_seconds_sum", frozenset({("model", "m")}))] == pytest.approx(sum(values))
+    assert len([k for k in got if k[0] == "gateway_inter_token_seconds_bucket"]) > 10
+
+
 def test_each_app_has_its_own_metrics() -> None:
     first, second = create_app(settings()), create_app(settings())
     assert first.state.metrics is not second.state.metrics
