@@ -117,10 +117,12 @@ class Backend:
         self._timeouts = timeouts
         # httpx's read timeout bounds every single read: between two stream events that is the idle
         # timeout; a non-streamed reply comes whole once the model has finished, so there the total.
-        self.stream_timeout = httpx.Timeout(connect=timeouts.connect, read=timeouts.idle, write=timeouts.idle,
-                                            pool=timeouts.connect)
-        self.unary_timeout = httpx.Timeout(connect=timeouts.connect, read=timeouts.total, write=timeouts.idle,
-                                           pool=timeouts.connect)
+        self.stream_timeout = httpx.Timeout(
+            connect=timeouts.connect, read=timeouts.idle, write=timeouts.idle, pool=timeouts.connect
+        )
+        self.unary_timeout = httpx.Timeout(
+            connect=timeouts.connect, read=timeouts.total, write=timeouts.idle, pool=timeouts.connect
+        )
 
     def url(self, path: str) -> httpx.URL:
         """``base_url + path``, parsed once."""

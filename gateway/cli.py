@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import gc
 import logging
 import os
@@ -108,7 +109,10 @@ def _serve(settings: Settings, source: str) -> int:
         from gateway.app import create_app
 
         app = create_app(settings, tracing=tracing.from_env(os.environ))
-        DrainingServer(uvicorn.Config(app, **options), app.state, shutdown.drain_delay).run()  # type: ignore[arg-type]
+        server_ = DrainingServer(uvicorn.Config(app, **options), app.state, shutdown.drain_delay)  # type: ignore[arg-type]
+        # uvicorn re-raises a captured SIGINT once it has shut down; Ctrl-C is a normal way to stop.
+        with contextlib.suppress(KeyboardInterrupt):
+            server_.run()
     return 0
 
 

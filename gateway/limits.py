@@ -4,7 +4,9 @@ Rates use GCRA (the generic cell rate algorithm): each limited dimension keeps o
 theoretical arrival time ``tat``. A limit of ``L`` per window ``W`` spends ``W / L`` seconds of it per
 unit (request or token); a request fits while ``tat`` stays within ``W`` of now. That admits a burst of
 ``L`` and then one unit every ``W / L`` seconds, which matches a sliding window at its edges and costs
-one number instead of a log of requests.
+one number instead of a log of requests. The long-run rate is ``L`` per window; a single window can
+see up to ``2L - 1`` (a full burst, then the steady trickle), where a strict sliding window caps it at
+``L``.
 
 A request reserves its estimated tokens (prompt estimate + ``max_tokens``, or the configured default)
 at admission; when the reply ends, :meth:`Admission.settle` books the difference to the real usage.

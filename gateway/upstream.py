@@ -37,8 +37,9 @@ async def open_response(
         (b"accept", b"text/event-stream" if stream else b"application/json"),
         (b"x-request-id", request_id.encode()),
     ]
-    request = httpx.Request("POST", backend.url(path), content=body, headers=headers,
-                            extensions={"timeout": timeout.as_dict()})
+    request = httpx.Request(
+        "POST", backend.url(path), content=body, headers=headers, extensions={"timeout": timeout.as_dict()}
+    )
     client = backend.client
     for hook in client.event_hooks["request"]:
         await hook(request)

@@ -272,9 +272,10 @@ def test_admin_keys_lifecycle_and_revocation_on_both_replicas(replicas: tuple[Ga
 
 
 def test_expired_key_fails_on_both_replicas(replicas: tuple[Gateway, Gateway]) -> None:
-    key = new_key(replicas[0], expires_at=int(time.time()) + 1)["key"]
+    expires_at = int(time.time()) + 2  # whole seconds: at least one second from now
+    key = new_key(replicas[0], expires_at=expires_at)["key"]
     assert replicas[1].client(api_key=key).models.list()
-    time.sleep(1.5)
+    time.sleep(max(0.0, expires_at - time.time()) + 0.3)
     for gateway in replicas:
         with pytest.raises(openai.AuthenticationError) as info:
             gateway.client(api_key=key).models.list()

@@ -20,17 +20,20 @@ WINDOW = 60.0
 
 
 @given(limit=st.integers(1, 500), arrivals=st.lists(st.floats(0, 300, allow_nan=False), max_size=400))
-def test_never_more_than_the_limit_in_any_window(limit: int, arrivals: list[float]) -> None:
-    """Whatever the arrival pattern, no window of W seconds admits more than the limit (plus the one
-    unit GCRA's leaky bucket lets through at a window's very edge)."""
+def test_burst_then_steady_rate(limit: int, arrivals: list[float]) -> None:
+    """GCRA's guarantee, whatever the arrival pattern: over any span of S seconds at most a burst of
+    the limit plus S / (W / limit) more are admitted. So the long-run rate is the limit per window,
+    and one window sees at most 2 * limit - 1 (a strict sliding window would cap it at the limit)."""
     tat, admitted = 0.0, []
     for now in sorted(arrivals):
         ok, tat = gcra(tat, now, 1, limit, WINDOW)
         if ok:
             admitted.append(now)
-    for start in admitted:
-        inside = [t for t in admitted if start <= t < start + WINDOW]
-        assert len(inside) <= limit + 1
+    interval = WINDOW / limit
+    for i, start in enumerate(admitted):
+        for j in range(i, len(admitted)):
+            assert j - i + 1 <= limit + (admitted[j] - start) / interval + 1e-6
+        assert len([t for t in admitted if start <= t < start + WINDOW]) <= 2 * limit - 1
 
 
 @given(limit=st.integers(1, 1000), burst=st.integers(1, 2000))
@@ -148,8 +151,9 @@ async def test_settling_charges_overuse(limiter: MemoryLimiter | RedisLimiter) -
 
 async def test_parallel_slots_held_until_settled(limiter: MemoryLimiter | RedisLimiter) -> None:
     limits = Limits(max_parallel=2)
-    assert await admit_many(limiter, limits, 3) == [True, True, False]
-    await limiter.settle("k", limits, "r0", 0, WINDOW)
+    admitted = await admit_many(limiter, limits, 3)
+    assert sorted(admitted) == [False, True, True]  # which two win the race is the event loop's choice
+    await limiter.settle("k", limits, f"r{admitted.index(True)}", 0, WINDOW)
     await limiter.admit("k", limits, "again", 1, WINDOW)
 
 
