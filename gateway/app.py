@@ -151,6 +151,7 @@ def create_app(
                 asyncio.create_task(history.run()),
                 asyncio.create_task(check_forever(backends, settings.health.interval, settings.timeouts.connect)),
                 asyncio.create_task(generations.listen()),
+                *([asyncio.create_task(app.state.usage.run())] if isinstance(app.state.usage, RedisUsage) else []),
             ]
             if metrics.multiprocess_dir is not None:
                 tasks.append(asyncio.create_task(metrics.sample_forever(app.state)))
@@ -159,6 +160,8 @@ def create_app(
                 stack.callback(task.cancel)
             # Runs first on the way out: records of the last replies get written before the writer stops.
             stack.push_async_callback(history.drain, _HISTORY_DRAIN_SECONDS)
+            if isinstance(app.state.usage, RedisUsage):
+                stack.push_async_callback(app.state.usage.flush)
             # ... and before that, resumable generations get the grace period; then they stop, readable.
             stack.push_async_callback(generations.shutdown, settings.shutdown.grace_period)
             # What start-up built lives as long as the app: keep it out of every collection, so a

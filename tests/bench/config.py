@@ -1,22 +1,30 @@
 """The gateway configurations the benchmark compares.
 
 ``bare``: one backend, no Redis, history off: the relay alone. ``realistic``: what a production
-replica runs: history recorded for every chat in a real ``redis-server``. API keys and rate limits
-do not exist yet; when they do, :func:`keys_and_limits` returns their TOML block and the realistic
-figures include them with no other change.
+replica runs: history recorded for every chat in a real ``redis-server``, and an API key whose
+rate limits are checked in Redis on every request (:func:`keys_and_limits`).
 """
 
 from __future__ import annotations
 
+from tests.bench.loadgen import BENCH_KEY
+
 __all__ = ["KEYS_AND_LIMITS_NOTE", "bare", "keys_and_limits", "realistic"]
 
-KEYS_AND_LIMITS_NOTE = "keys/limits: not available yet"
+KEYS_AND_LIMITS_NOTE = "keys/limits: on (one key, limits far above the load, so admission runs but never refuses)"
 
 
 def keys_and_limits() -> str | None:
-    """The TOML that turns on API keys and rate limits for the realistic run; None while the gateway
-    has neither. The one place to change when they land."""
-    return None
+    """The TOML that turns on API keys and rate limits for the realistic run: every request is
+    authenticated, admitted by the Redis Lua script and settled, and none is refused."""
+    return f"""
+[[keys]]
+name = "bench"
+key = "{BENCH_KEY}"
+rpm = 1000000000
+tpm = 1000000000000
+max_parallel = 100000
+"""
 
 
 def _common(upstream_base_url: str) -> str:

@@ -44,6 +44,8 @@ _EMPTY_CONTENT = b'"content":""'
 _ERROR_EVENT = b'data: {"error"'
 _DONE = b"data: [DONE]"
 
+BENCH_KEY = "sk-bench-key-0123456789"
+
 
 def request_bytes(
     host: str,
@@ -67,6 +69,8 @@ def request_bytes(
     payload = json.dumps(body, separators=(",", ":")).encode()
     head = (
         f"POST {path} HTTP/1.1\r\nhost: {host}:{port}\r\ncontent-type: application/json\r\n"
+        # The realistic run's API key; an open gateway and the upstream ignore it.
+        f"authorization: Bearer {BENCH_KEY}\r\n"
         f"accept: {'text/event-stream' if stream else 'application/json'}\r\n"
         f"content-length: {len(payload)}\r\n\r\n"
     )
