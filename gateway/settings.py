@@ -315,6 +315,8 @@ def from_env(environ: Mapping[str, str]) -> Settings:
         raw["redis"] = {"url": url}
     if level := environ.get("LOG_LEVEL"):
         raw["logging"] = {"level": level.lower()}
+    if master := environ.get("GATEWAY_MASTER_KEY"):
+        raw["auth"] = {"master_key": master}
     try:
         settings = msgspec.convert(raw, Settings)
     except msgspec.ValidationError as exc:

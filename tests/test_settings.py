@@ -132,6 +132,11 @@ def test_provider_convention_routes_by_prefix() -> None:
     assert by_name["anthropic"].base_url == "http://claude.local/v1"
 
 
+def test_master_key_from_the_environment() -> None:
+    assert from_env({"GATEWAY_MASTER_KEY": "sk-master"}).auth.master_key == "sk-master"
+    assert from_env({}).auth.master_key is None
+
+
 def test_bad_app_port_names_the_variable() -> None:
     with pytest.raises(ConfigError, match="APP_PORT"):
         from_env({"APP_PORT": "eighty"})
