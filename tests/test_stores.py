@@ -444,6 +444,34 @@ async def test_save_appends_a_turn(store: HistoryStore) -> None:
     assert await store.get_completion(ALICE, "c1") is not None
 
 
+async def test_save_many_writes_each_exchange_in_order(store: HistoryStore) -> None:
+    await store.create_conversation(conversation("conv"), [])
+    await store.create_conversation(conversation("gone"), [])
+    await store.delete_conversation(ALICE, "gone")
+    batch = [
+        Exchange(
+            completion=completion("c1", created=1001),
+            conversation="conv",
+            tenant="t1",
+            items=[message("u1"), message("a1", "assistant")],
+        ),
+        Exchange(completion=completion("c2", created=1001)),
+        Exchange(conversation="gone", tenant="t1", items=[message("lost")]),
+        Exchange(conversation="conv", tenant="t1", items=[message("u2")]),
+        Exchange(completion=completion("c3", tenant="t2", user="bob")),
+    ]
+    await store.save_many(batch)
+    assert ids(await store.items(ALICE, "conv") or []) == ["u1", "a1", "u2"]
+    assert ids((await store.list_completions(Scope("t1")))[0]) == ["c1", "c2"]  # same second: in batch order
+    assert await store.get_completion(Scope("t2", "bob"), "c3") is not None
+    assert await store.items(ALICE, "gone") is None
+    # The writer retries a batch that failed half-way: an exchange with a completion, saved again,
+    # changes nothing (its completion id guards it).
+    await store.save_many([exchange for exchange in batch if exchange.completion is not None])
+    assert ids(await store.items(ALICE, "conv") or []) == ["u1", "a1", "u2"]
+    assert ids((await store.list_completions(Scope("t1")))[0]) == ["c1", "c2"]
+
+
 async def test_save_drops_items_of_a_deleted_conversation(stores: Stores) -> None:
     store = stores()
     await store.create_conversation(conversation("conv"), [message("i0")])

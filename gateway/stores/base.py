@@ -98,6 +98,12 @@ class HistoryStore(Protocol):
         newest ``max_items``, and everything written gets the store's TTL. Items for a conversation
         that no longer exists are dropped."""
 
+    async def save_many(self, exchanges: list[Exchange]) -> None:
+        """:meth:`save` for several exchanges, in order, in as few round trips as the store can; each
+        exchange is still atomic on its own. A failure may leave some written. An exchange with a
+        completion, saved again, changes nothing (the completion id guards it); one with only items
+        would append them twice, as a retried :meth:`save` would."""
+
     # Stored completions ---------------------------------------------------------------------------
 
     async def get_completion(self, scope: Scope, completion_id: str) -> CompletionRecord | None: ...

@@ -96,6 +96,10 @@ class MemoryStore:
     async def ping(self) -> None:
         return None
 
+    async def save_many(self, exchanges: list[Exchange]) -> None:
+        for exchange in exchanges:
+            await self.save(exchange)
+
     async def save(self, exchange: Exchange) -> None:
         self._sweep()
         completion = exchange.completion

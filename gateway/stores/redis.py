@@ -288,30 +288,51 @@ class RedisStore:
             await self._redis.ping()
 
     async def save(self, exchange: Exchange) -> None:
-        completion = exchange.completion
-        tenant = exchange.tenant or (completion.tenant if completion is not None else "")
+        await self.save_many([exchange])
+
+    async def save_many(self, exchanges: list[Exchange]) -> None:
         with _unavailable():
-            # One round trip for what the script needs to know first: a seq, and who owns the
-            # conversation (its user index is among the keys the script refreshes).
+            # One round trip for what each script needs to know first: a seq, and who owns the
+            # conversation (its user index is among the keys the script refreshes) ...
+            wanted: list[tuple[int | None, int | None]] = []
             async with self._redis.pipeline(transaction=False) as pipe:
-                if completion is not None:
-                    self._next_seq(pipe, self._keys(completion.tenant))
-                if exchange.conversation is not None and exchange.items:
-                    pipe.get(self._keys(tenant).conversation(exchange.conversation))
+                for exchange in exchanges:
+                    seq_at = conversation_at = None
+                    completion = exchange.completion
+                    if completion is not None:
+                        seq_at = len(pipe.command_stack)
+                        self._next_seq(pipe, self._keys(completion.tenant))
+                    if exchange.conversation is not None and exchange.items:
+                        conversation_at = len(pipe.command_stack)
+                        pipe.get(self._keys(self._tenant(exchange)).conversation(exchange.conversation))
+                    wanted.append((seq_at, conversation_at))
                 replies = await pipe.execute()
-            keys: list[str] = []
-            args: list[Any] = [self._ttl_ms, self._max_items, "", "", ""]
-            if completion is not None:
-                ck = self._keys(completion.tenant)
-                record = msgspec.structs.replace(completion, seq=replies[0])
-                keys += [ck.completion(record.id), ck.completions(), ck.completions(record.user)]
-                args[2:5] = [_encode(record), _member(record.seq, record.id), record.created]
-            if exchange.conversation is not None and exchange.items and replies[-1] is not None:
-                conversation = _conversation.decode(replies[-1])
-                keys += self._keys(tenant).conversation_keys(conversation)
-                args += [_encode(item) for item in exchange.items]
-            if keys:
-                await self._save(keys=keys, args=args)
+            # ... and one for the scripts, each still atomic on its own.
+            async with self._redis.pipeline(transaction=False) as pipe:
+                queued = False
+                for exchange, (seq_at, conversation_at) in zip(exchanges, wanted, strict=True):
+                    keys: list[str] = []
+                    args: list[Any] = [self._ttl_ms, self._max_items, "", "", ""]
+                    completion = exchange.completion
+                    if completion is not None and seq_at is not None:
+                        ck = self._keys(completion.tenant)
+                        record = msgspec.structs.replace(completion, seq=replies[seq_at])
+                        keys += [ck.completion(record.id), ck.completions(), ck.completions(record.user)]
+                        args[2:5] = [_encode(record), _member(record.seq, record.id), record.created]
+                    if conversation_at is not None and replies[conversation_at] is not None:
+                        conversation = _conversation.decode(replies[conversation_at])
+                        keys += self._keys(self._tenant(exchange)).conversation_keys(conversation)
+                        args += [_encode(item) for item in exchange.items]
+                    if keys:
+                        await self._save(keys=keys, args=args, client=pipe)
+                        queued = True
+                if queued:
+                    await pipe.execute()
+
+    @staticmethod
+    def _tenant(exchange: Exchange) -> str:
+        completion = exchange.completion
+        return exchange.tenant or (completion.tenant if completion is not None else "")
 
     # Stored completions ---------------------------------------------------------------------------
 
