@@ -20,6 +20,7 @@ and concurrent requests cannot overshoot it. Without Redis, or while Redis is un
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -286,6 +287,9 @@ class RedisLimiter:
         """Why Redis failed, while admission runs on the fallback."""
         self.redis_errors = 0
         """Admissions Redis failed (each one fell back, or was refused)."""
+        self._pending: list[tuple[list[str], list[Any], asyncio.Future[None]]] = []
+        self._writing = False
+        self._writer: asyncio.Task[None] | None = None
 
     def _keys(self, key_id: str) -> list[str]:
         base = f"{self._prefix}:{{{key_id}}}"
@@ -336,4 +340,31 @@ class RedisLimiter:
             await self._fallback.settle(key_id, limits, request_id, delta, window)
             return
         keys = self._keys(key_id)
-        await self._settle(keys=[keys[1], keys[2]], args=[request_id, delta, window, limits.tpm])
+        # Group commit: settlements that come while one batch is being written go out together in
+        # the next, one round trip for all of them; each caller still returns once its own is written.
+        done = asyncio.get_running_loop().create_future()
+        self._pending.append(([keys[1], keys[2]], [request_id, delta, window, limits.tpm], done))
+        if not self._writing:
+            self._writing = True
+            self._writer = asyncio.create_task(self._write_settlements())
+        await done
+
+    async def _write_settlements(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                try:
+                    async with self._redis.pipeline(transaction=False) as pipe:
+                        for keys, args, _ in batch:
+                            await self._settle(keys=keys, args=args, client=pipe)
+                        await pipe.execute()
+                except Exception as exc:
+                    for *_, done in batch:
+                        if not done.done():
+                            done.set_exception(exc)
+                else:
+                    for *_, done in batch:
+                        if not done.done():
+                            done.set_result(None)
+        finally:
+            self._writing = False

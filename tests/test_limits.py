@@ -157,6 +157,15 @@ async def test_parallel_slots_held_until_settled(limiter: MemoryLimiter | RedisL
     await limiter.admit("k", limits, "again", 1, WINDOW)
 
 
+async def test_concurrent_settlements_all_land(limiter: MemoryLimiter | RedisLimiter) -> None:
+    """Settlements written together (Redis: group commit) each free their slot and book their tokens."""
+    limits = Limits(tpm=10_000, max_parallel=40)
+    assert all(await admit_many(limiter, limits, 40, tokens=200))  # 8,000 tokens reserved
+    await asyncio.gather(*(limiter.settle("k", limits, f"r{i}", -150, WINDOW) for i in range(40)))  # 50 used each
+    # Every slot is free again, and 8,000 - 40 * 150 = 2,000 tokens are booked: 8,000 more fit.
+    assert all(await admit_many(limiter, limits, 40, tokens=200))
+
+
 async def test_keys_are_independent(limiter: MemoryLimiter | RedisLimiter) -> None:
     await limiter.admit("a", Limits(rpm=1), "1", 1, WINDOW)
     await limiter.admit("b", Limits(rpm=1), "2", 1, WINDOW)
