@@ -208,7 +208,18 @@ class History:
 class Turn:
     """One chat request's part in history."""
 
-    __slots__ = ("_chat", "_history", "conversation", "model", "record", "request_id", "scope", "stored")
+    __slots__ = (
+        "_chat",
+        "_history",
+        "_messages",
+        "_sent",
+        "conversation",
+        "model",
+        "record",
+        "request_id",
+        "scope",
+        "stored",
+    )
 
     def __init__(
         self,
@@ -230,6 +241,8 @@ class Turn:
         self.conversation = conversation
         self.stored = stored
         self.record = record
+        self._messages: list[dict[str, Any]] | None = None
+        self._sent: list[dict[str, Any]] | None = None
 
     @property
     def active(self) -> bool:
@@ -240,9 +253,7 @@ class Turn:
         and no ``conversation`` field (no upstream knows this gateway's conversations)."""
         if self.conversation is None:
             return {}
-        settings = self._history.settings
-        history = conversations.window(self.stored, max_messages=settings.max_messages, max_tokens=settings.max_tokens)
-        return {"messages": conversations.merge(history, self._request_messages()), "conversation": REMOVE}
+        return {"messages": self._sent_messages(), "conversation": REMOVE}
 
     def finish(self, reply: Reply) -> None:
         """The relay's end-of-reply hook: build the exchange and queue it. Runs after the client has
@@ -263,16 +274,7 @@ class Turn:
             # A turn whose reply never started is not kept: the client retries it whole.
             new = conversations.new_turn(self.stored, request_messages)
             items = conversations.messages_to_items([*new, reply.message()])
-        completion = None
-        if self.record:
-            settings = self._history.settings
-            sent = request_messages
-            if self.conversation is not None:
-                history = conversations.window(
-                    self.stored, max_messages=settings.max_messages, max_tokens=settings.max_tokens
-                )
-                sent = conversations.merge(history, request_messages)
-            completion = self._completion(reply, sent)
+        completion = self._completion(reply, self._sent_messages()) if self.record else None
         if completion is None and not items:
             return None
         return Exchange(
@@ -312,12 +314,28 @@ class Turn:
             request_id=self.request_id,
         )
 
+    def _sent_messages(self) -> list[dict[str, Any]]:
+        """The messages the upstream got: the conversation's window, then the request's own. Built
+        once: before forwarding for the body, and reused when the exchange is recorded."""
+        if self._sent is None:
+            if self.conversation is None:
+                self._sent = self._request_messages()
+            else:
+                settings = self._history.settings
+                window = conversations.window(
+                    self.stored, max_messages=settings.max_messages, max_tokens=settings.max_tokens
+                )
+                self._sent = conversations.merge(window, self._request_messages())
+        return self._sent
+
     def _request_messages(self) -> list[dict[str, Any]]:
-        try:
-            messages = msgspec.json.decode(self._chat.messages)
-        except msgspec.DecodeError:
-            return []
-        return [m for m in messages if isinstance(m, dict)] if isinstance(messages, list) else []
+        if self._messages is None:
+            try:
+                messages = msgspec.json.decode(self._chat.messages)
+            except msgspec.DecodeError:
+                messages = []
+            self._messages = [m for m in messages if isinstance(m, dict)] if isinstance(messages, list) else []
+        return self._messages
 
 
 def new_conversation(scope: Scope, metadata: dict[str, str] | None = None) -> ConversationRecord:
