@@ -17,6 +17,7 @@ Fixtures:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import signal
@@ -377,31 +378,42 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer | SharedRedis]:
     With $REDIS_URL set, the Redis there instead, flushed (its database only) before the test; its
     `stop()` and `start()` skip the test, since faults cannot be injected into a shared server.
     """
+    yield from _redis(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def redis_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer | SharedRedis]:
+    """One redis-server for the module (or $REDIS_URL's, as `redis_server`)."""
+    yield from _redis(tmp_path_factory.mktemp("redis"))
+
+
+def _redis(log_dir: Path) -> Iterator[RedisServer | SharedRedis]:
     shared = os.environ.get("REDIS_URL")
     if shared:
         server = SharedRedis(shared)
         server.flush()
         yield server
         return
-    server = RedisServer(tmp_path)
+    server = RedisServer(log_dir)
     try:
         yield server.start()
     finally:
         server.stop()
 
 
-@pytest.fixture(scope="module")
-def redis_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer | SharedRedis]:
-    """One redis-server for the module (or $REDIS_URL's, as conftest's `redis_server`)."""
-    shared = os.environ.get("REDIS_URL")
-    if shared:
-        yield SharedRedis(shared)
-        return
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
+@contextlib.contextmanager
+def replicas(config_toml: str, directory: Path) -> Iterator[tuple[Gateway, Gateway]]:
+    """Two gateway processes with one config (two replicas sharing its Redis), both stopped after."""
+    path = directory / "gateway.toml"
+    path.write_text(config_toml)
+    first = Gateway(path, directory, name="replica-1")
+    second = Gateway(path, directory, name="replica-2")
     try:
-        yield server.start()
+        yield first.start(), second.start()
     finally:
-        server.stop()
+        for gateway in (first, second):
+            if gateway.process is not None:
+                gateway.stop()
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ import openai
 import pytest
 
 from tests.conftest import Gateway, GatewayFactory, RedisServer, Upstream
+from tests.conftest import replicas as start_replicas
 
 MASTER = "sk-master-test-0123456789"
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -58,14 +59,8 @@ tenant = "b"
 def replicas(
     upstream_server: Upstream, redis_module: RedisServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[Gateway, Gateway]]:
-    directory = tmp_path_factory.mktemp("gateways")
-    path = directory / "gateway.toml"
-    path.write_text(config(upstream_server, redis_module.url))
-    first = Gateway(path, directory, name="replica-1").start()
-    second = Gateway(path, directory, name="replica-2").start()
-    yield first, second
-    first.stop()
-    second.stop()
+    with start_replicas(config(upstream_server, redis_module.url), tmp_path_factory.mktemp("gateways")) as pair:
+        yield pair
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ import openai
 import pytest
 
 from tests.conftest import Gateway, GatewayFactory, RedisServer, Upstream
+from tests.conftest import replicas as start_replicas
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 FULL = " ".join(f"tok{i}" for i in range(20))
@@ -33,14 +34,8 @@ models = ["fake-model"]
 def replicas(
     upstream_server: Upstream, redis_module: RedisServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[Gateway, Gateway]]:
-    directory = tmp_path_factory.mktemp("gateways")
-    path = directory / "gateway.toml"
-    path.write_text(config(upstream_server, redis_module.url))
-    first = Gateway(path, directory, name="replica-1").start()
-    second = Gateway(path, directory, name="replica-2").start()
-    yield first, second
-    first.stop()
-    second.stop()
+    with start_replicas(config(upstream_server, redis_module.url), tmp_path_factory.mktemp("gateways")) as pair:
+        yield pair
 
 
 @pytest.fixture
