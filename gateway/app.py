@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
-from httpx_aiohttp import AiohttpTransport
 from litestar import Litestar, Router
 from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
@@ -35,6 +34,7 @@ from gateway.stores.base import HistoryStore, StoreUnavailable
 from gateway.stores.memory import MemoryStore
 from gateway.stores.redis import RedisStore
 from gateway.tracing import Tracing
+from gateway.transport import Transport
 from gateway.usage import MemoryUsage, RedisUsage
 
 __all__ = ["create_app", "default_http_client"]
@@ -45,11 +45,8 @@ _HISTORY_DRAIN_SECONDS = 5.0
 
 
 def default_http_client() -> httpx.AsyncClient:
-    """httpx's API over aiohttp's connection pool: under concurrent streams httpx's own pool falls
-    to a fraction of aiohttp's throughput (README, Performance). Pool limits sit far above what one
-    process relays at once, so the pool never queues requests the backends could take."""
-    limits = httpx.Limits(max_connections=8192, max_keepalive_connections=1024, keepalive_expiry=30)
-    return httpx.AsyncClient(transport=AiohttpTransport(limits=limits), timeout=None)
+    """httpx's API over the gateway's own transport (gateway/transport.py)."""
+    return httpx.AsyncClient(transport=Transport(), timeout=None)
 
 
 def _redis_client(url: str) -> Any:

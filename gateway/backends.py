@@ -47,6 +47,7 @@ class Backend:
     """One upstream server and what the gateway currently knows of it."""
 
     __slots__ = (
+        "_heads",
         "_timeouts",
         "_urls",
         "base_url",
@@ -61,6 +62,7 @@ class Backend:
         "kind",
         "models",
         "name",
+        "origin",
         "patterns",
         "reason",
         "settings",
@@ -86,6 +88,9 @@ class Backend:
             (name.encode(), value.encode()) for name, value in self.headers.items()
         ]
         self._urls: dict[str, httpx.URL] = {}
+        self._heads: dict[str, bytes] = {}
+        base = httpx.URL(self.base_url)
+        self.origin = (base.raw_scheme, base.host, base.port or (443 if base.scheme == "https" else 80))
         defaults = timeouts or TimeoutSettings()
         self.timeouts = settings.timeouts.over(defaults) if settings.timeouts else defaults
         configured = settings.models
@@ -130,6 +135,18 @@ class Backend:
         if url is None:
             url = self._urls[path] = httpx.URL(self.base_url + path)
         return url
+
+    def request_head(self, path: str) -> bytes:
+        """The request line and fixed headers of a POST to ``base_url + path``, encoded once: the
+        caller adds the per-request headers, the blank line and the body."""
+        head = self._heads.get(path)
+        if head is None:
+            url = self.url(path)
+            host = url.netloc
+            lines = [b"POST %s HTTP/1.1\r\n" % url.raw_path, b"host: %s\r\n" % host]
+            lines += [b"%s: %s\r\n" % pair for pair in self.header_list]
+            head = self._heads[path] = b"".join(lines)
+        return head
 
     def available(self, now: float) -> bool:
         """Up, and not ejected; past its cooldown, an ejected backend is available for one trial."""

@@ -192,9 +192,8 @@ def error_body(detail: ErrorDetail) -> bytes:
 def upstream_errors(backend: str) -> Iterator[None]:
     """Translate httpx's exceptions, raised while talking to ``backend``, into gateway errors.
 
-    httpx-aiohttp maps every ``aiohttp.ClientConnectionError`` (refused, reset, server disconnected
-    before answering) to ``httpx.ConnectTimeout``, so a connect timeout is reported as unreachable
-    rather than as a 504: either way no byte came back.
+    A connect timeout is reported as unreachable rather than as a 504: the request never reached the
+    model, as when the connection is refused.
     """
     try:
         yield

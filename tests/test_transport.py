@@ -1,0 +1,453 @@
+"""The upstream transport (gateway/transport.py) against real sockets: servers that answer with
+scripted bytes, so that framing, keep-alive, failures and timing can each be made to happen.
+
+The end-to-end tests run every upstream call of the gateway through this transport too; these pin
+down the cases a well-behaved upstream never produces."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import shutil
+import ssl
+import subprocess
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import httpx
+import msgspec
+import pytest
+
+from gateway.backends import Backend
+from gateway.settings import BackendSettings
+from gateway.transport import Transport
+from gateway.upstream import open_response
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+class Server:
+    """A TCP server on a free port whose connections are handled by ``handler``; counts them."""
+
+    def __init__(self, handler: Handler) -> None:
+        self._handler = handler
+        self.connections = 0
+        self.requests: list[bytes] = []
+        self._server: asyncio.Server | None = None
+        self.port = 0
+
+    async def __aenter__(self) -> Server:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            await self._handler(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    async def read_request(self, reader: asyncio.StreamReader) -> bytes:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":", 1)[1])
+        request = head + await reader.readexactly(length)
+        self.requests.append(request)
+        return request
+
+
+def answer(body: bytes, *headers: bytes, status: bytes = b"200 OK") -> bytes:
+    lines = [b"HTTP/1.1 " + status, b"content-length: %d" % len(body), *headers]
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+def chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+@pytest.fixture
+async def transport() -> AsyncIterator[Transport]:
+    transport = Transport()
+    yield transport
+    await transport.aclose()
+
+
+@pytest.fixture
+async def client(transport: Transport) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(transport=transport, timeout=5) as client:
+        yield client
+
+
+async def test_keep_alive_reuses_one_connection_and_sends_the_request_as_built(client: httpx.AsyncClient) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await server.read_request(reader)
+            writer.write(answer(b'{"ok":true}', b"content-type: application/json"))
+
+    async with Server(handler) as server:
+        for n in range(3):
+            response = await client.post(
+                f"{server.url}/v1/chat/completions?x=1", content=b'{"n":%d}' % n, headers={"authorization": "Bearer k"}
+            )
+            assert response.status_code == 200
+            assert response.json() == {"ok": True}
+            assert response.headers["content-type"] == "application/json"
+        assert server.connections == 1
+        first = server.requests[0]
+        assert first.startswith(b"POST /v1/chat/completions?x=1 HTTP/1.1\r\n")
+        assert b"\r\nauthorization: Bearer k\r\n" in first
+        assert b"\r\ncontent-length: 7\r\n" in first.lower()
+        assert first.endswith(b'\r\n\r\n{"n":0}')
+
+
+async def test_a_chunked_body_arrives_chunk_by_chunk_as_the_upstream_sends_it(transport: Transport) -> None:
+    sent = asyncio.Event()
+    proceed = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-type: text/event-stream\r\n\r\n")
+        writer.write(chunk(b"data: 1\n\n"))
+        await writer.drain()
+        sent.set()
+        await proceed.wait()  # the second event is not written until the first was read
+        writer.write(chunk(b"data: 2\n\n") + b"0\r\n\r\n")
+
+    async with Server(handler) as server, httpx.AsyncClient(transport=transport) as client:
+        async with client.stream("POST", f"{server.url}/v1/x", content=b"{}") as response:
+            chunks = aiter(response.aiter_raw())
+            assert await asyncio.wait_for(anext(chunks), 5) == b"data: 1\n\n"
+            assert sent.is_set()
+            proceed.set()
+            assert [c async for c in chunks] == [b"data: 2\n\n"]
+
+
+async def test_a_gzipped_answer_is_decoded_by_httpx(client: httpx.AsyncClient) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(answer(gzip.compress(b'{"data":[]}'), b"content-encoding: gzip"))
+
+    async with Server(handler) as server:
+        assert (await client.get(f"{server.url}/v1/models")).json() == {"data": []}
+
+
+async def test_connection_close_and_a_body_read_until_close(client: httpx.AsyncClient) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nall of it")
+        await writer.drain()
+
+    async with Server(handler) as server:
+        assert (await client.post(f"{server.url}/a", content=b"{}")).content == b"all of it"
+        assert (await client.post(f"{server.url}/a", content=b"{}")).content == b"all of it"
+        assert server.connections == 2
+
+
+async def test_an_idle_connection_the_upstream_closed_is_replaced(client: httpx.AsyncClient) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(answer(b"one"))
+        await writer.drain()  # then closes: keep-alive timed out on the upstream's side
+
+    async with Server(handler) as server:
+        assert (await client.post(f"{server.url}/a", content=b"{}")).content == b"one"
+        await asyncio.sleep(0.05)
+        assert (await client.post(f"{server.url}/a", content=b"{}")).content == b"one"
+        assert server.connections == 2
+
+
+async def test_a_stale_connection_closed_as_the_request_goes_out_is_retried_once(transport: Transport) -> None:
+    # The upstream reads the second request on the kept-alive connection, then closes it without an
+    # answer: the transport cannot know it was stale, so it retries on a new connection.
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if server.connections == 1:
+            await server.read_request(reader)
+            writer.write(answer(b"first"))
+            await server.read_request(reader)
+            return
+        await server.read_request(reader)
+        writer.write(answer(b"second"))
+        await writer.drain()
+
+    async with Server(handler) as server, httpx.AsyncClient(transport=transport) as client:
+        assert (await client.post(f"{server.url}/a", content=b"{}")).content == b"first"
+        assert (await client.post(f"{server.url}/a", content=b"{}")).content == b"second"
+        assert server.connections == 2
+
+
+async def test_a_new_connection_closed_without_an_answer_is_an_error_not_a_retry(client: httpx.AsyncClient) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+
+    async with Server(handler) as server:
+        with pytest.raises(httpx.RemoteProtocolError, match="without sending a response"):
+            await client.post(f"{server.url}/a", content=b"{}")
+        assert server.connections == 1
+
+
+async def test_a_body_cut_short_is_a_read_error_and_the_connection_is_not_reused(client: httpx.AsyncClient) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly this")
+        await writer.drain()
+
+    async with Server(handler) as server:
+        with pytest.raises(httpx.ReadError):
+            await client.post(f"{server.url}/a", content=b"{}")
+        with pytest.raises(httpx.ReadError):
+            await client.post(f"{server.url}/a", content=b"{}")
+        assert server.connections == 2
+
+
+async def test_an_invalid_response_is_a_protocol_error(client: httpx.AsyncClient) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(b"SMTP ready\r\n\r\n")
+        await asyncio.sleep(1)
+
+    async with Server(handler) as server:
+        with pytest.raises(httpx.RemoteProtocolError, match="invalid HTTP response"):
+            await client.post(f"{server.url}/a", content=b"{}")
+
+
+async def test_read_timeout_applies_to_each_read(transport: Transport) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n" + chunk(b"a"))
+        await writer.drain()
+        await asyncio.sleep(0.15)
+        writer.write(chunk(b"b"))  # within the read timeout of the previous read
+        await writer.drain()
+        await asyncio.sleep(5)
+
+    timeout = httpx.Timeout(5, read=0.5)
+    async with Server(handler) as server, httpx.AsyncClient(transport=transport, timeout=timeout) as client:
+        async with client.stream("POST", f"{server.url}/a", content=b"{}") as response:
+            received = []
+            with pytest.raises(httpx.ReadTimeout):
+                async for piece in response.aiter_raw():
+                    received.append(piece)
+            assert received == [b"a", b"b"]
+
+
+async def test_no_answer_within_the_read_timeout(transport: Transport) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        await asyncio.sleep(5)
+
+    async with Server(handler) as server, httpx.AsyncClient(transport=transport, timeout=0.2) as client:
+        with pytest.raises(httpx.ReadTimeout):
+            await client.post(f"{server.url}/a", content=b"{}")
+
+
+async def test_connection_refused_is_a_connect_error(client: httpx.AsyncClient) -> None:
+    server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    server.close()
+    await server.wait_closed()
+    with pytest.raises(httpx.ConnectError, match=f"127.0.0.1:{port}"):
+        await client.get(f"http://127.0.0.1:{port}/")
+
+
+async def test_an_unsupported_scheme_is_refused(client: httpx.AsyncClient) -> None:
+    with pytest.raises(httpx.UnsupportedProtocol):
+        await client.get("ftp://127.0.0.1/")
+
+
+async def test_the_pool_bounds_open_connections_and_times_out_waiting_for_one() -> None:
+    release = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await server.read_request(reader)
+            await release.wait()
+            writer.write(answer(b"ok"))
+
+    transport = Transport(limits=httpx.Limits(max_connections=1, max_keepalive_connections=1))
+    async with Server(handler) as server, httpx.AsyncClient(transport=transport, timeout=5) as client:
+        first = asyncio.create_task(client.post(f"{server.url}/a", content=b"{}"))
+        await asyncio.sleep(0.05)
+        with pytest.raises(httpx.PoolTimeout):
+            await client.post(f"{server.url}/a", content=b"{}", timeout=httpx.Timeout(5, pool=0.1))
+        second = asyncio.create_task(client.post(f"{server.url}/a", content=b"{}"))
+        await asyncio.sleep(0.05)
+        assert not second.done()  # waiting for the one connection
+        release.set()
+        assert (await first).content == b"ok"
+        assert (await second).content == b"ok"
+        assert server.connections == 1
+
+
+async def test_a_cancelled_request_frees_its_slot_and_its_connection_is_not_reused() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            request = await server.read_request(reader)
+            if b"slow" in request:
+                await asyncio.sleep(5)
+            writer.write(answer(b"ok"))
+
+    transport = Transport(limits=httpx.Limits(max_connections=1))
+    async with Server(handler) as server, httpx.AsyncClient(transport=transport, timeout=5) as client:
+        slow = asyncio.create_task(client.post(f"{server.url}/a", content=b"slow"))
+        await asyncio.sleep(0.05)
+        slow.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await slow
+        assert (await client.post(f"{server.url}/a", content=b"{}")).content == b"ok"
+        assert server.connections == 2
+
+
+async def test_an_unread_stream_closed_early_closes_its_connection(client: httpx.AsyncClient) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await server.read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n" + chunk(b"part"))
+            await writer.drain()
+            await asyncio.sleep(0.2)
+            writer.write(b"0\r\n\r\n")
+
+    async with Server(handler) as server:
+        async with client.stream("POST", f"{server.url}/a", content=b"{}") as response:
+            assert await anext(aiter(response.aiter_raw())) == b"part"
+        async with client.stream("POST", f"{server.url}/a", content=b"{}") as response:
+            assert [c async for c in response.aiter_raw()] == [b"part"]
+        assert server.connections == 2  # the first was abandoned mid-body
+
+
+async def test_a_reader_slower_than_the_upstream_pauses_reading() -> None:
+    # Unread, the body stops at the pause threshold plus what the sockets buffer, far short of all
+    # of it; read, it arrives whole.
+    total = 64 * 1024 * 1024
+    written = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal written
+        await server.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % total)
+        block = b"x" * 65536
+        for _ in range(total // len(block)):
+            writer.write(block)
+            await writer.drain()
+            written += len(block)
+
+    async with Server(handler) as server, httpx.AsyncClient(transport=Transport(), timeout=5) as client:
+        async with client.stream("POST", f"{server.url}/a", content=b"{}") as response:
+            await asyncio.sleep(0.5)
+            assert 0 < written < total // 4
+            received = 0
+            async for piece in response.aiter_raw():
+                received += len(piece)
+            assert received == total
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a certificate")
+    directory = tmp_path_factory.mktemp("tls")
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+async def test_https_verifies_the_upstream_certificate(certificate: tuple[Path, Path]) -> None:
+    cert, key = certificate
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(cert, key)
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer(b"secret"))
+        await writer.drain()
+
+    server = await asyncio.start_server(handler, "127.0.0.1", 0, ssl=server_context)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        trusting = Transport(verify=ssl.create_default_context(cafile=str(cert)))
+        async with httpx.AsyncClient(transport=trusting, timeout=5) as client:
+            assert (await client.get(f"https://localhost:{port}/")).content == b"secret"
+        async with httpx.AsyncClient(transport=Transport(), timeout=5) as client:
+            with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+                await client.get(f"https://localhost:{port}/")
+    finally:
+        server.close()
+
+
+async def test_open_response_sends_the_same_request_whether_it_builds_the_bytes_or_httpx_does() -> None:
+    # Without request hooks the gateway writes the request's bytes itself; with one (tracing) it
+    # builds an httpx.Request. The upstream must not be able to tell.
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await server.read_request(reader)
+            writer.write(answer(b"{}"))
+
+    async def hook(request: httpx.Request) -> None:
+        pass
+
+    def normalised(request: bytes) -> tuple[bytes, list[bytes], bytes]:
+        head, body = request.split(b"\r\n\r\n", 1)
+        line, *headers = head.split(b"\r\n")
+        return line, sorted(h.lower() for h in headers), body
+
+    async with Server(handler) as server:
+        settings = msgspec.convert(
+            {"name": "b", "kind": "openai", "base_url": f"{server.url}/v1", "api_key": "sk-up", "models": ["m"]},
+            BackendSettings,
+        )
+        direct = httpx.AsyncClient(transport=Transport())
+        hooked = httpx.AsyncClient(transport=Transport(), event_hooks={"request": [hook]})
+        for client in (direct, hooked):
+            for stream in (False, True):
+                response = await open_response(
+                    Backend(settings, client),
+                    "/chat/completions",
+                    b'{"model":"m"}',
+                    request_id="rid-1",
+                    stream=stream,
+                    timeout=httpx.Timeout(5),
+                )
+                await response.aread()
+                await response.aclose()
+            await client.aclose()
+    built, via_httpx = server.requests[:2], server.requests[2:]
+    assert [normalised(r) for r in built] == [normalised(r) for r in via_httpx]
+    line, headers, body = normalised(built[0])
+    assert line == b"POST /v1/chat/completions HTTP/1.1"
+    assert b"authorization: bearer sk-up" in headers
+    assert b"x-request-id: rid-1" in headers
+    assert b"content-length: 13" in headers
+    assert body == b'{"model":"m"}'
