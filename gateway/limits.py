@@ -15,8 +15,9 @@ dies mid-request cannot leak its slots.
 
 With Redis, admission is one Lua script run on Redis's own clock, so every replica shares one limit
 and concurrent requests cannot overshoot it. Concurrent admissions and settlements share round trips
-(:class:`ScriptBatch`): each still runs as its own script, and each caller waits for its own answer. Without Redis, or while Redis is unreachable under
-``on_redis_error = "fail_open"``, :class:`MemoryLimiter` applies the same arithmetic per process.
+(:class:`ScriptBatch`): each still runs as its own script, and each caller waits for its own answer.
+Without Redis, or while Redis is unreachable under ``on_redis_error = "fail_open"``,
+:class:`MemoryLimiter` applies the same arithmetic per process.
 """
 
 from __future__ import annotations
