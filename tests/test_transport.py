@@ -451,3 +451,25 @@ async def test_open_response_sends_the_same_request_whether_it_builds_the_bytes_
     assert b"x-request-id: rid-1" in headers
     assert b"content-length: 13" in headers
     assert body == b'{"model":"m"}'
+
+
+async def test_a_read_answer_is_whole_and_decoded(transport: Transport) -> None:
+    # send(read=True) hands back the body already read, as httpx would have decoded it.
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            request = await server.read_request(reader)
+            if b"gzip" in request:
+                writer.write(answer(gzip.compress(b'{"zipped":true}'), b"content-encoding: gzip"))
+            else:
+                writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n" + chunk(b"pla") + chunk(b"in"))
+                writer.write(b"0\r\n\r\n")
+
+    async with Server(handler) as server:
+        origin = (b"http", "127.0.0.1", server.port)
+        for body, expected in ((b"plain", b"plain"), (b"gzip", b'{"zipped":true}')):
+            data = b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+            response = await transport.send(origin, data, {"read": 5}, read=True)
+            assert response.content == expected
+            assert await response.aread() == expected
+            await response.aclose()
+        assert server.connections == 1
