@@ -18,7 +18,7 @@ from litestar.datastructures import State
 from prometheus_client import CollectorRegistry
 
 from gateway import admin_api, api, history_api, probes, resumable, websocket
-from gateway.auth import Authenticator, authenticate
+from gateway.auth import Authenticator, authenticate_request
 from gateway.backends import build_backends, check_forever, discover_all, discover_forever
 from gateway.errors import exception_handlers
 from gateway.history import History
@@ -172,9 +172,9 @@ def create_app(
             Router(
                 path="/v1",
                 route_handlers=[*api.handlers, *history_api.handlers, *resumable.handlers, websocket.chat_socket],
-                guards=[authenticate],
+                before_request=authenticate_request,
             ),
-            Router(path="/", route_handlers=[api.legacy_chat], guards=[authenticate]),
+            Router(path="/", route_handlers=[api.legacy_chat], before_request=authenticate_request),
             admin_api.router,
             playground,
             probes.health,

@@ -50,6 +50,7 @@ from litestar.response import Stream
 from litestar.utils.scope.state import CONNECTION_STATE_KEY
 
 from gateway.api import _chat
+from gateway.auth import authenticate
 from gateway.errors import GatewayError, PayloadTooLarge, render
 from gateway.reply import Reply
 from gateway.request import request_id
@@ -83,7 +84,7 @@ class _Job:
     stop: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-@websocket("/chat/ws")
+@websocket("/chat/ws", guards=[authenticate])
 async def chat_socket(socket: WebSocket, state: State) -> None:
     await socket.accept()
     await _Session(socket, state).serve()

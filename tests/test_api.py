@@ -8,11 +8,12 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 import redis.asyncio
+from litestar.routes import HTTPRoute
 from litestar.testing import AsyncTestClient
 from pytest_httpx import HTTPXMock
 
 from gateway.app import create_app
-from gateway.settings import BackendSettings, RetrySettings, ServerSettings, Settings
+from gateway.settings import BackendSettings, KeySettings, RetrySettings, ServerSettings, Settings
 from tests.conftest import free_port
 
 UP = "http://upstream/v1"
@@ -244,3 +245,25 @@ async def test_cors_when_configured() -> None:
             "/v1/chat/completions", headers={"origin": "https://app.example", "access-control-request-method": "POST"}
         )
         assert response.headers["access-control-allow-origin"] == "https://app.example"
+
+
+async def test_every_api_route_refuses_a_request_without_a_key() -> None:
+    # Authentication is attached to the /v1 and /chat routers, not to each route: a route added there
+    # later is covered without anyone remembering to.
+    keyed = settings(keys=[KeySettings(name="team", key="sk-team-0123456789abcdef")])
+    app = create_app(keyed)
+    checked = []
+    async with AsyncTestClient(app=app) as client:
+        for route in app.routes:
+            if not (route.path.startswith("/v1") or route.path == "/chat"):
+                continue
+            if not isinstance(route, HTTPRoute):
+                continue  # the WebSocket's guard is tested in tests/test_websocket.py
+            for method in sorted(route.methods - {"OPTIONS", "HEAD"}):
+                path = route.path.replace(":path}", "}").replace(":str}", "}").replace("{", "").replace("}", "")
+                response = await client.request(method, path, json={})
+                assert response.status_code == 401, (method, path, response.text)
+                assert response.json()["error"]["code"] == "missing_api_key"
+                checked.append((method, route.path))
+    assert ("POST", "/v1/chat/completions") in checked and ("POST", "/chat") in checked
+    assert len(checked) > 15
