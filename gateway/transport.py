@@ -38,11 +38,6 @@ _EXTENSIONS = {"http_version": b"HTTP/1.1"}
 DEFAULT_LIMITS = httpx.Limits(max_connections=8192, max_keepalive_connections=1024, keepalive_expiry=30)
 
 
-def _expire(waiter: asyncio.Future[bool]) -> None:
-    if not waiter.done():
-        waiter.set_result(False)
-
-
 class _Connection(asyncio.Protocol):
     """One keep-alive connection, carrying one request at a time."""
 
@@ -52,6 +47,8 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self._parser = httptools.HttpResponseParser(self)
         self._waiter: asyncio.Future[bool] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._deadline = 0.0
         self._chunks: collections.deque[bytes] = collections.deque()
         self._buffered = 0
         self._paused = False
@@ -136,21 +133,38 @@ class _Connection(asyncio.Protocol):
         self.status = 0
         self.headers = []
         self.headers_done = self.complete = self.received = False
+        # What the previous response left unread (its reader stopped at [DONE], or at an error): it
+        # arrived whole, or the connection would not be back in the pool, but it is not this one's.
+        self._chunks.clear()
+        self._buffered = 0
         self.transport.write(data)  # type: ignore[union-attr]
 
     async def wait(self, timeout: float | None) -> None:
         """Until the upstream sends something or closes; ``httpx.ReadTimeout`` after ``timeout`` s."""
         loop = self._pool.loop
         self._waiter = waiter = loop.create_future()
-        timer = loop.call_later(timeout, _expire, waiter) if timeout is not None else None
+        if timeout is not None:
+            self._deadline = loop.time() + timeout
+            if self._timer is None:
+                # One timer outlives many waits, moved on only when it fires early: a timer set and
+                # cancelled around every wait would cost more than the rest of a streamed chunk's read.
+                self._timer = loop.call_at(self._deadline, self._expire)
         try:
             woken = await waiter
         finally:
             self._waiter = None
-            if timer is not None:
-                timer.cancel()
         if not woken:
             raise httpx.ReadTimeout(f"The upstream sent nothing for {timeout:g} s.")
+
+    def _expire(self) -> None:
+        self._timer = None
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return  # not waiting: the next wait sets a timer again
+        if self._pool.loop.time() >= self._deadline:
+            waiter.set_result(False)
+        else:
+            self._timer = self._pool.loop.call_at(self._deadline, self._expire)
 
     def take(self) -> bytes:
         """Every body byte buffered so far, as one piece."""
@@ -170,6 +184,9 @@ class _Connection(asyncio.Protocol):
         return self.complete and self.keep_alive and not self.closed and self.error is None
 
     def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self.transport is not None and not self.closed:
             self.transport.close()
         self.closed = True

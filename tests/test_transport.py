@@ -473,3 +473,26 @@ async def test_a_read_answer_is_whole_and_decoded(transport: Transport) -> None:
             assert await response.aread() == expected
             await response.aclose()
         assert server.connections == 1
+
+
+async def test_a_body_left_unread_does_not_leak_into_the_next_response(client: httpx.AsyncClient) -> None:
+    # A relay stops reading at [DONE] or at an error, when the rest of the body may already be in:
+    # the connection goes back to the pool, and what was left must not reach the next reader.
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        n = 0
+        while True:
+            await server.read_request(reader)
+            n += 1
+            writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n" + chunk(b"first of %d\n" % n))
+            await writer.drain()
+            await asyncio.sleep(0.02)
+            writer.write(chunk(b"rest of %d\n" % n) + b"0\r\n\r\n")
+
+    async with Server(handler) as server:
+        async with client.stream("POST", f"{server.url}/a", content=b"{}") as response:
+            pieces = aiter(response.aiter_raw())
+            assert await anext(pieces) == b"first of 1\n"
+            await asyncio.sleep(0.1)  # the rest arrives, unread
+        async with client.stream("POST", f"{server.url}/a", content=b"{}") as response:
+            assert b"".join([p async for p in response.aiter_raw()]) == b"first of 2\nrest of 2\n"
+        assert server.connections == 1
