@@ -27,7 +27,6 @@ from gateway.limits import MemoryLimiter, RedisLimiter
 from gateway.metrics import Metrics, scrape
 from gateway.observe import Observer
 from gateway.playground import playground
-from gateway.request import add_request_id
 from gateway.resumable import Generations, MemoryLog, RedisLog
 from gateway.settings import Settings
 from gateway.stores.base import HistoryStore, StoreUnavailable
@@ -183,7 +182,6 @@ def create_app(
         ],
         lifespan=[lifespan],
         exception_handlers=exception_handlers,  # type: ignore[arg-type]
-        before_send=[add_request_id],
         request_max_body_size=settings.server.max_body_size,
         cors_config=CORSConfig(allow_origins=cors, expose_headers=["x-request-id"]) if cors else None,
         openapi_config=None,

@@ -1,12 +1,12 @@
 """What every request leaves behind once it is complete: its metrics, one access line, its span.
 
 One ASGI wrapper around the whole app sees every request, 404s and errors included (Litestar's own
-middleware runs after routing, so it never sees a path that matched nothing). It notes when the
-request arrived, its status, and when its last byte went out; it reports when the app returns, which
-is after the response's background work, so a stream's reply (tokens, time to first token, gaps) is
-complete by then and observed once. What the request was about comes from ``scope["state"]``:
-``principal`` and ``tenant`` (authentication), and ``model``, ``backend``, ``reply``, ``stream`` and
-``user`` (the API handlers).
+middleware runs after routing, so it never sees a path that matched nothing), and gives each response
+its ``x-request-id``. It notes when the request arrived, its status, and when its last byte went out;
+it reports when the app returns, which is after the response's background work, so a stream's reply
+(tokens, time to first token, gaps) is complete by then and observed once. What the request was
+about comes from ``scope["state"]``: ``principal`` and ``tenant`` (authentication), and ``model``,
+``backend``, ``reply``, ``stream`` and ``user`` (the API handlers).
 
 The access line names the key (never its secret) and holds no message content, unless
 ``[logging] log_bodies = true`` adds the request body and the reply's message.
@@ -61,6 +61,8 @@ class Observer:
         async def observed_send(message: Message) -> None:
             nonlocal status, finished, streaming
             if message["type"] == "http.response.start":
+                # Every response carries the request's id, errors and 404s included.
+                message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id(scope).encode())]
                 status = message["status"]
                 if status == 200 and scope["state"].get("stream"):
                     streaming = True

@@ -269,6 +269,7 @@ class StreamRelay:
         "_guard",
         "_health",
         "_hide_usage",
+        "_id_prefix",
         "_last",
         "_on_end",
         "_request_id",
@@ -298,6 +299,7 @@ class StreamRelay:
         self._finished = False
         self._last = 0.0
         self._request_id = ""
+        self._id_prefix = b""
         self.sequence = 0
         self.reply = reply if reply is not None else Reply()
         self._responses_api = responses_api
@@ -314,11 +316,10 @@ class StreamRelay:
     async def open(self, path: str, body: bytes, request_id: str) -> list[bytes]:
         """Send the request and read up to the first complete event, within the first-token timeout.
         Raises a gateway error (nothing has been sent to the client yet) when that fails."""
-        loop = asyncio.get_running_loop()
-        self._deadline = loop.time() + self._timeouts.total
+        sent = time.monotonic()
+        self._deadline = sent + self._timeouts.total
         self.reply.backend = self._backend.name
         self._request_id = request_id
-        sent = time.monotonic()
         try:
             async with asyncio.timeout(self._timeouts.first_token):
                 self._response = await open_response(
@@ -329,10 +330,10 @@ class StreamRelay:
                     stream=True,
                     timeout=self._backend.stream_timeout,
                 )
-                # The raw bytes, unless the upstream compressed them (it was not asked to): httpx's
-                # decoding layers cost a few microseconds a chunk for nothing.
+                # The transport's own stream, unless the upstream compressed the bytes (it was not
+                # asked to): httpx's decoding and chunking layers cost microseconds a chunk for nothing.
                 compressed = "content-encoding" in self._response.headers
-                self._chunks = self._response.aiter_bytes() if compressed else self._response.aiter_raw()
+                self._chunks = self._response.aiter_bytes() if compressed else aiter(self._response.stream)
                 with upstream_errors(self._backend.name):
                     async for chunk in self._chunks:
                         if out := self._take(chunk):
@@ -364,7 +365,6 @@ class StreamRelay:
         try:
             yield first
             assert self._chunks is not None
-            loop = asyncio.get_running_loop()
             while not reply.done and self._failure is None:
                 waited = time.monotonic()
                 try:
@@ -385,7 +385,7 @@ class StreamRelay:
                     reply.gaps.append(since - self._last)
                     self._last = since
                     yield group
-                if loop.time() > self._deadline and not reply.done:
+                if now > self._deadline and not reply.done:
                     self._fail("total_timeout", f"The reply took longer than {self._timeouts.total:g} s.")
             if self._failure is not None:
                 yield [self.numbered(format_event(error_body(self._failure)))]
@@ -405,7 +405,13 @@ class StreamRelay:
         hands back (``Last-Event-ID``) to get what it missed."""
         seq = self.sequence
         self.sequence += 1
-        return b"id: %s/%d\n%s" % ((self.reply.id or self._request_id).encode(), seq, event)
+        prefix = self._id_prefix
+        if not prefix:
+            # Encoded once the completion id is known (its first event); the request id until then.
+            if self.reply.id is None:
+                return b"id: %s/%d\n%s" % (self._request_id.encode(), seq, event)
+            prefix = self._id_prefix = b"id: " + self.reply.id.encode() + b"/"
+        return b"%s%d\n%s" % (prefix, seq, event)
 
     def _take(self, chunk: bytes) -> list[bytes]:
         """The events ``chunk`` completes, observed and numbered, to forward; stops at a failure or at

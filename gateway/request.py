@@ -12,12 +12,12 @@ from typing import Any, TypeVar
 
 import msgspec
 from litestar import Request
-from litestar.types import Message, Scope
+from litestar.types import Scope
 
 from gateway.errors import InvalidJSON, InvalidRequest
 from gateway.wire import ChatRequest, RoutedRequest, decode_chat, decode_routed
 
-__all__ = ["add_request_id", "decode_body", "parse_chat", "parse_routed", "request_id"]
+__all__ = ["decode_body", "parse_chat", "parse_routed", "request_id"]
 
 T = TypeVar("T")
 
@@ -43,14 +43,6 @@ def request_id(scope: Scope | Request) -> str:
             rid = uuid.uuid4().hex
         state["request_id"] = rid
     return rid
-
-
-async def add_request_id(message: Message, scope: Scope) -> None:
-    """``before_send`` hook: every HTTP response carries ``x-request-id``, errors and 404s included."""
-    if message["type"] == "http.response.start":
-        headers = list(message.get("headers") or ())
-        headers.append((b"x-request-id", request_id(scope).encode()))
-        message["headers"] = headers
 
 
 def parse_chat(body: bytes) -> ChatRequest:
