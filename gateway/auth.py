@@ -50,7 +50,9 @@ class Principal:
     master: bool = False
 
     def may_use(self, model: str) -> bool:
-        return self.master or any(fnmatch.fnmatchcase(model, pattern) for pattern in self.models)
+        if self.master or "*" in self.models:  # most keys: no glob to match
+            return True
+        return any(fnmatch.fnmatchcase(model, pattern) for pattern in self.models)
 
 
 OPEN = Principal(key_id="open", name="open", tenant="default", models=("*",), limits=Limits())

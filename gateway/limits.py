@@ -29,9 +29,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import RedisError
 
 from gateway.errors import RateLimited, ServiceUnavailable
+from gateway.scripts import run_scripts
 
 __all__ = ["Admission", "Limiter", "Limits", "MemoryLimiter", "RedisLimiter", "ScriptBatch", "gcra", "reset_text"]
 
@@ -368,7 +369,7 @@ class ScriptBatch:
             while self._pending:
                 batch, self._pending = self._pending, []
                 try:
-                    results = await self._execute(batch)
+                    results = await run_scripts(self._redis, [(script, keys, args) for script, keys, args, _ in batch])
                 except Exception as exc:
                     results = [exc] * len(batch)
                 for (*_, done), result in zip(batch, results, strict=True):
@@ -380,23 +381,3 @@ class ScriptBatch:
                         done.set_result(result)
         finally:
             self._writer = None
-
-    async def _execute(self, batch: list[tuple[Any, list[str], list[Any], asyncio.Future[Any]]]) -> list[Any]:
-        # EVALSHA by hand rather than the Script objects' pipeline support, which asks Redis
-        # whether the scripts exist before every batch: a round trip more each time.
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for script, keys, args, _ in batch:
-                pipe.evalsha(script.sha, len(keys), *keys, *args)
-            results = await pipe.execute(raise_on_error=False)
-        missing = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
-        if missing:
-            # Redis restarted or was flushed since the scripts were loaded: load them, run those again.
-            for script in {id(batch[i][0]): batch[i][0] for i in missing}.values():
-                await self._redis.script_load(script.script)
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for i in missing:
-                    script, keys, args, _ = batch[i]
-                    pipe.evalsha(script.sha, len(keys), *keys, *args)
-                for i, result in zip(missing, await pipe.execute(raise_on_error=False), strict=True):
-                    results[i] = result
-        return results

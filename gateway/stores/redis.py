@@ -41,6 +41,7 @@ from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError
 
+from gateway.scripts import Call, run_scripts
 from gateway.stores.base import (
     CompletionRecord,
     ConversationRecord,
@@ -308,26 +309,25 @@ class RedisStore:
                     wanted.append((seq_at, conversation_at))
                 replies = await pipe.execute()
             # ... and one for the scripts, each still atomic on its own.
-            async with self._redis.pipeline(transaction=False) as pipe:
-                queued = False
-                for exchange, (seq_at, conversation_at) in zip(exchanges, wanted, strict=True):
-                    keys: list[str] = []
-                    args: list[Any] = [self._ttl_ms, self._max_items, "", "", ""]
-                    completion = exchange.completion
-                    if completion is not None and seq_at is not None:
-                        ck = self._keys(completion.tenant)
-                        record = msgspec.structs.replace(completion, seq=replies[seq_at])
-                        keys += [ck.completion(record.id), ck.completions(), ck.completions(record.user)]
-                        args[2:5] = [_encode(record), _member(record.seq, record.id), record.created]
-                    if conversation_at is not None and replies[conversation_at] is not None:
-                        conversation = _conversation.decode(replies[conversation_at])
-                        keys += self._keys(self._tenant(exchange)).conversation_keys(conversation)
-                        args += [_encode(item) for item in exchange.items]
-                    if keys:
-                        await self._save(keys=keys, args=args, client=pipe)
-                        queued = True
-                if queued:
-                    await pipe.execute()
+            calls: list[Call] = []
+            for exchange, (seq_at, conversation_at) in zip(exchanges, wanted, strict=True):
+                keys: list[str] = []
+                args: list[Any] = [self._ttl_ms, self._max_items, "", "", ""]
+                completion = exchange.completion
+                if completion is not None and seq_at is not None:
+                    ck = self._keys(completion.tenant)
+                    record = msgspec.structs.replace(completion, seq=replies[seq_at])
+                    keys += [ck.completion(record.id), ck.completions(), ck.completions(record.user)]
+                    args[2:5] = [_encode(record), _member(record.seq, record.id), record.created]
+                if conversation_at is not None and replies[conversation_at] is not None:
+                    conversation = _conversation.decode(replies[conversation_at])
+                    keys += self._keys(self._tenant(exchange)).conversation_keys(conversation)
+                    args += [_encode(item) for item in exchange.items]
+                if keys:
+                    calls.append((self._save, keys, args))
+            for result in await run_scripts(self._redis, calls):
+                if isinstance(result, Exception):
+                    raise result
 
     @staticmethod
     def _tenant(exchange: Exchange) -> str:
