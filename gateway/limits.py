@@ -22,7 +22,6 @@ Without Redis, or while Redis is unreachable under ``on_redis_error = "fail_open
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import time
@@ -32,9 +31,9 @@ from typing import Any, Protocol
 from redis.exceptions import RedisError
 
 from gateway.errors import RateLimited, ServiceUnavailable
-from gateway.scripts import run_scripts
+from gateway.scripts import BatchedScript, ScriptBatch
 
-__all__ = ["Admission", "Limiter", "Limits", "MemoryLimiter", "RedisLimiter", "ScriptBatch", "gcra", "reset_text"]
+__all__ = ["Admission", "Limiter", "Limits", "MemoryLimiter", "RedisLimiter", "gcra", "reset_text"]
 
 log = logging.getLogger("gateway.limits")
 
@@ -222,19 +221,21 @@ class MemoryLimiter:
             self._tats[(key_id, "t")] = max(now, max(tat, now) + delta * window / limits.tpm)
 
 
-# KEYS: request tat, token tat, leases. ARGV: window, rpm, tpm, max_parallel, tokens, request id, lease.
+# KEYS: request tat, token tat, leases. ARGS: window, rpm, tpm, max_parallel, tokens, request id, lease.
 # Returns {status, wait, now, request tat, token tat} as strings: Redis truncates Lua numbers to
-# integers on the way out. status: 1 admitted, 0 over rpm, -1 over tpm, -2 over max_parallel.
+# integers on the way out. Times are written with 17 digits: tostring's 14 round a tat near 1.7e9 s
+# to 0.1 ms, and a burst of calls microseconds apart adds up those errors past GCRA's tolerance. status: 1 admitted, 0 over rpm, -1 over tpm, -2 over max_parallel.
 _ADMIT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local window = tonumber(ARGV[1])
-local rpm, tpm, parallel = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local tokens = tonumber(ARGV[5])
+local window = tonumber(ARGS[1])
+local rpm, tpm, parallel = tonumber(ARGS[2]), tonumber(ARGS[3]), tonumber(ARGS[4])
+local tokens = tonumber(ARGS[5])
 local rtat = tonumber(redis.call('GET', KEYS[1]) or now)
 local ttat = tonumber(redis.call('GET', KEYS[2]) or now)
+local function exact(x) return string.format('%.17g', x) end
 local function out(status, wait, r, k)
-  return {tostring(status), tostring(wait), tostring(now), tostring(r), tostring(k)}
+  return {tostring(status), exact(wait), exact(now), exact(r), exact(k)}
 end
 if tpm > 0 and tokens > tpm then return out(-1, -1, rtat, ttat) end
 if parallel > 0 then
@@ -250,25 +251,25 @@ if tpm > 0 then
   nt = math.max(ttat, now) + tokens * window / tpm
   if nt - now > window + 1e-6 then return out(-1, nt - now - window, rtat, ttat) end
 end
-if rpm > 0 then redis.call('SET', KEYS[1], tostring(nr), 'PX', math.ceil((nr - now + 1) * 1000)) end
-if tpm > 0 then redis.call('SET', KEYS[2], tostring(nt), 'PX', math.ceil((nt - now + 1) * 1000)) end
+if rpm > 0 then redis.call('SET', KEYS[1], exact(nr), 'PX', math.ceil((nr - now + 1) * 1000)) end
+if tpm > 0 then redis.call('SET', KEYS[2], exact(nt), 'PX', math.ceil((nt - now + 1) * 1000)) end
 if parallel > 0 then
-  redis.call('ZADD', KEYS[3], now + tonumber(ARGV[7]), ARGV[6])
-  redis.call('PEXPIRE', KEYS[3], math.ceil(tonumber(ARGV[7]) * 1000))
+  redis.call('ZADD', KEYS[3], now + tonumber(ARGS[7]), ARGS[6])
+  redis.call('PEXPIRE', KEYS[3], math.ceil(tonumber(ARGS[7]) * 1000))
 end
 return out(1, 0, nr, nt)
 """
 
-# KEYS: token tat, leases. ARGV: request id, token delta, window, tpm.
+# KEYS: token tat, leases. ARGS: request id, token delta, window, tpm.
 _SETTLE = """
-redis.call('ZREM', KEYS[2], ARGV[1])
-local delta, window, tpm = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+redis.call('ZREM', KEYS[2], ARGS[1])
+local delta, window, tpm = tonumber(ARGS[2]), tonumber(ARGS[3]), tonumber(ARGS[4])
 if tpm > 0 and delta ~= 0 then
   local t = redis.call('TIME')
   local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
   local tat = math.max(tonumber(redis.call('GET', KEYS[1]) or now), now)
   tat = math.max(now, tat + delta * window / tpm)
-  redis.call('SET', KEYS[1], tostring(tat), 'PX', math.ceil((tat - now + 1) * 1000))
+  redis.call('SET', KEYS[1], string.format('%.17g', tat), 'PX', math.ceil((tat - now + 1) * 1000))
 end
 return 1
 """
@@ -282,8 +283,8 @@ class RedisLimiter:
 
     def __init__(self, redis: Any, *, fallback: MemoryLimiter | None, prefix: str = "gw:rl") -> None:
         self._redis = redis
-        self._admit = redis.register_script(_ADMIT)
-        self._settle = redis.register_script(_SETTLE)
+        self._admit = BatchedScript(redis, _ADMIT, 7)
+        self._settle = BatchedScript(redis, _SETTLE, 4)
         self._fallback = fallback
         self._prefix = prefix
         self.degraded: str | None = None
@@ -342,42 +343,3 @@ class RedisLimiter:
             return
         keys = self._keys(key_id)
         await self._batch.run(self._settle, [keys[1], keys[2]], [request_id, delta, window, limits.tpm])
-
-
-class ScriptBatch:
-    """Group commit of Lua script calls: the calls made while one batch is on its way to Redis go
-    out together in the next, one pipelined round trip for all of them. Each call is still its own
-    script run (Redis runs them one after another, each atomic), and each caller gets its own
-    result or error. Under concurrency this turns a round trip per request into one per batch; alone,
-    a call costs one task switch more than a direct one."""
-
-    def __init__(self, redis: Any) -> None:
-        self._redis = redis
-        self._pending: list[tuple[Any, list[str], list[Any], asyncio.Future[Any]]] = []
-        self._writer: asyncio.Task[None] | None = None
-
-    async def run(self, script: Any, keys: list[str], args: list[Any]) -> Any:
-        """``script`` (from ``register_script``) on ``keys`` and ``args``; its result, or its error."""
-        done = asyncio.get_running_loop().create_future()
-        self._pending.append((script, keys, args, done))
-        if self._writer is None:
-            self._writer = asyncio.create_task(self._write())
-        return await done
-
-    async def _write(self) -> None:
-        try:
-            while self._pending:
-                batch, self._pending = self._pending, []
-                try:
-                    results = await run_scripts(self._redis, [(script, keys, args) for script, keys, args, _ in batch])
-                except Exception as exc:
-                    results = [exc] * len(batch)
-                for (*_, done), result in zip(batch, results, strict=True):
-                    if done.done():
-                        continue
-                    if isinstance(result, Exception):
-                        done.set_exception(result)
-                    else:
-                        done.set_result(result)
-        finally:
-            self._writer = None

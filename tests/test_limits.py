@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.errors import RateLimited, ServiceUnavailable
-from gateway.limits import Limits, MemoryLimiter, RedisLimiter, ScriptBatch, gcra, remaining, reset_text, retry_after
+from gateway.limits import Limits, MemoryLimiter, RedisLimiter, gcra, remaining, reset_text, retry_after
 from tests.conftest import RedisServer, free_port
 
 WINDOW = 60.0
@@ -229,24 +229,6 @@ async def test_concurrent_admissions_share_round_trips_and_keep_their_own_answer
     results = await admit_many(limiter, Limits(rpm=10), 50)
     assert sum(results) == 10 and results[:10] == [True] * 10  # in order of arrival
     stats = await client.info("commandstats")
-    assert stats["cmdstat_evalsha"]["calls"] == 50
-    # Fewer connections used than calls made: the 50 went out in a handful of pipelines.
-    clients = await client.client_list()
-    assert len(clients) < 10
-    await client.aclose()
-
-
-async def test_one_failing_call_does_not_fail_the_others_in_its_batch(redis_module: RedisServer) -> None:
-    redis_module.flush()
-    client = redis.asyncio.Redis.from_url(redis_module.url)
-    batch = ScriptBatch(client)
-    script = client.register_script("return tonumber(ARGV[1]) + 1")
-    results = await asyncio.gather(
-        batch.run(script, [], [1]),
-        batch.run(script, [], ["not a number"]),
-        batch.run(script, [], [41]),
-        return_exceptions=True,
-    )
-    assert results[0] == 2 and results[2] == 42
-    assert isinstance(results[1], redis.exceptions.ResponseError)
+    # The 50 calls of one script on one key's keys went out as a handful of EVALSHAs, not 50.
+    assert stats["cmdstat_evalsha"]["calls"] < 10
     await client.aclose()

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+
+import pytest
 import redis.asyncio
 import redis.exceptions
 
-from gateway.scripts import run_scripts
-from tests.conftest import RedisServer
+from gateway.scripts import BatchedScript, ScriptBatch, run_scripts
+from tests.conftest import RedisServer, free_port
 
 
 async def test_each_call_gets_its_own_result_or_error_in_one_round_trip(redis_module: RedisServer) -> None:
@@ -32,4 +35,38 @@ async def test_scripts_redis_forgot_are_loaded_and_their_calls_run_once(redis_mo
     assert await run_scripts(client, [(add, ["n"], [1]), (add, ["n"], [2])]) == [1, 3]
     assert await client.get("n") == b"3"  # not run twice
     assert await run_scripts(client, []) == []
+    await client.aclose()
+
+
+async def test_a_batch_runs_each_call_once_in_order_and_isolates_failures(redis_module: RedisServer) -> None:
+    redis_module.flush()
+    client = redis.asyncio.Redis.from_url(redis_module.url)
+    batch = ScriptBatch(client)
+    append = BatchedScript(client, "redis.call('RPUSH', KEYS[1], ARGS[1]); return tonumber(ARGS[2]) + 1", 2)
+    await client.script_load(append.script.script)
+    await client.config_resetstat()
+    results = await asyncio.gather(
+        batch.run(append, ["log"], ["a", 1]),
+        batch.run(append, ["log"], ["b", "not a number"]),  # its push happened; its return failed
+        batch.run(append, ["other"], ["c", 10]),
+        batch.run(append, ["log"], ["d", 41]),
+        return_exceptions=True,
+    )
+    assert results[0] == 2 and results[2] == 11 and results[3] == 42
+    assert isinstance(results[1], redis.exceptions.ResponseError)
+    assert await client.lrange("log", 0, -1) == [b"a", b"b", b"d"]
+    assert await client.lrange("other", 0, -1) == [b"c"]
+    stats = await client.info("commandstats")
+    assert stats["cmdstat_evalsha"]["calls"] == 2  # one for each set of keys
+    with pytest.raises(ValueError, match="takes 2 arguments"):
+        await batch.run(append, ["log"], ["e"])
+    await client.aclose()
+
+
+async def test_a_batch_answers_every_caller_when_redis_is_unreachable() -> None:
+    client = redis.asyncio.Redis(port=free_port(), socket_connect_timeout=0.2)
+    batch = ScriptBatch(client)
+    script = BatchedScript(client, "return 1", 0)
+    results = await asyncio.gather(*(batch.run(script, ["k"], []) for _ in range(5)), return_exceptions=True)
+    assert all(isinstance(r, redis.exceptions.ConnectionError) for r in results)
     await client.aclose()
