@@ -224,7 +224,8 @@ class MemoryLimiter:
 # KEYS: request tat, token tat, leases. ARGS: window, rpm, tpm, max_parallel, tokens, request id, lease.
 # Returns {status, wait, now, request tat, token tat} as strings: Redis truncates Lua numbers to
 # integers on the way out. Times are written with 17 digits: tostring's 14 round a tat near 1.7e9 s
-# to 0.1 ms, and a burst of calls microseconds apart adds up those errors past GCRA's tolerance. status: 1 admitted, 0 over rpm, -1 over tpm, -2 over max_parallel.
+# to 0.1 ms, and a burst of calls microseconds apart adds up those errors past GCRA's tolerance.
+# status: 1 admitted, 0 over rpm, -1 over tpm, -2 over max_parallel.
 _ADMIT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000

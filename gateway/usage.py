@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import time
 from typing import Any, Protocol
@@ -27,7 +28,14 @@ _MEASURES = ("requests", "prompt_tokens", "completion_tokens")
 
 
 def day_of(timestamp: float) -> str:
-    return time.strftime("%Y-%m-%d", time.gmtime(timestamp))
+    """The UTC day of ``timestamp``, as ``YYYY-MM-DD``."""
+    return _day_of_second(int(timestamp))
+
+
+@functools.lru_cache(maxsize=4)
+def _day_of_second(second: int) -> str:
+    # Every request asks; strftime is the costliest step of counting one.
+    return time.strftime("%Y-%m-%d", time.gmtime(second))
 
 
 class UsageBook(Protocol):

@@ -293,34 +293,42 @@ class RedisStore:
 
     async def save_many(self, exchanges: list[Exchange]) -> None:
         with _unavailable():
-            # One round trip for what each script needs to know first: a seq, and who owns the
-            # conversation (its user index is among the keys the script refreshes) ...
-            wanted: list[tuple[int | None, int | None]] = []
+            # One round trip for what each script needs to know first: the seqs, one INCRBY per
+            # tenant for the whole batch, and who owns each conversation (its user index is among
+            # the keys the script refreshes) ...
+            tenants: dict[str, list[int]] = {}
+            conversation_at: dict[int, int] = {}
             async with self._redis.pipeline(transaction=False) as pipe:
-                for exchange in exchanges:
-                    seq_at = conversation_at = None
-                    completion = exchange.completion
-                    if completion is not None:
-                        seq_at = len(pipe.command_stack)
-                        self._next_seq(pipe, self._keys(completion.tenant))
+                for n, exchange in enumerate(exchanges):
+                    if exchange.completion is not None:
+                        tenants.setdefault(exchange.completion.tenant, []).append(n)
                     if exchange.conversation is not None and exchange.items:
-                        conversation_at = len(pipe.command_stack)
+                        conversation_at[n] = len(pipe.command_stack)
                         pipe.get(self._keys(self._tenant(exchange)).conversation(exchange.conversation))
-                    wanted.append((seq_at, conversation_at))
+                seq_at: dict[str, int] = {}
+                for tenant, members in tenants.items():
+                    seq_at[tenant] = len(pipe.command_stack)
+                    self._next_seq(pipe, self._keys(tenant), len(members))
                 replies = await pipe.execute()
+            seqs: dict[int, int] = {}
+            for tenant, members in tenants.items():
+                last = replies[seq_at[tenant]]
+                for seq, n in enumerate(members, start=last - len(members) + 1):
+                    seqs[n] = seq
             # ... and one for the scripts, each still atomic on its own.
             calls: list[Call] = []
-            for exchange, (seq_at, conversation_at) in zip(exchanges, wanted, strict=True):
+            for n, exchange in enumerate(exchanges):
                 keys: list[str] = []
                 args: list[Any] = [self._ttl_ms, self._max_items, "", "", ""]
                 completion = exchange.completion
-                if completion is not None and seq_at is not None:
+                if completion is not None:
                     ck = self._keys(completion.tenant)
-                    record = msgspec.structs.replace(completion, seq=replies[seq_at])
+                    record = msgspec.structs.replace(completion, seq=seqs[n])
                     keys += [ck.completion(record.id), ck.completions(), ck.completions(record.user)]
                     args[2:5] = [_encode(record), _member(record.seq, record.id), record.created]
-                if conversation_at is not None and replies[conversation_at] is not None:
-                    conversation = _conversation.decode(replies[conversation_at])
+                at = conversation_at.get(n)
+                if at is not None and replies[at] is not None:
+                    conversation = _conversation.decode(replies[at])
                     keys += self._keys(self._tenant(exchange)).conversation_keys(conversation)
                     args += [_encode(item) for item in exchange.items]
                 if keys:
@@ -536,8 +544,9 @@ class RedisStore:
 
     # Internals ------------------------------------------------------------------------------------
 
-    def _next_seq(self, pipe: Pipeline, keys: _Keys) -> None:
-        pipe.incr(keys.seq)
+    def _next_seq(self, pipe: Pipeline, keys: _Keys, count: int = 1) -> None:
+        """Queue taking ``count`` seqs: the reply is the last of them."""
+        pipe.incrby(keys.seq, count)
         self._expire(pipe, keys.seq)
 
     def _expire(self, pipe: Pipeline, *keys: str) -> None:
