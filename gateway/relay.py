@@ -247,13 +247,58 @@ async def _unary(
         log.debug("backend %s sent a reply the gateway could not read", backend.name)
     if on_end is not None:
         background = BackgroundTask(on_end, reply)
-    return Response(
-        content=content,
-        status_code=response.status_code,
-        media_type=response.headers.get("content-type", MediaType.JSON),
-        headers=headers,
-        background=background,
+    return WholeReply(
+        content,
+        response.status_code,
+        response.headers.get("content-type", MediaType.JSON),
+        headers,
+        background,
     )
+
+
+class WholeReply(Response[bytes]):
+    """A non-streamed answer: Litestar's ``Response`` to whoever reads it (``content``, ``background``),
+    sent by an ASGI callable of its own. Litestar's path from a ``Response`` to the wire normalises
+    and re-encodes headers through two classes, a tenth of the CPU of a relayed request; the
+    gateway sets no cookies and no layered headers, so there is nothing for it to merge."""
+
+    __slots__ = ()
+
+    def __init__(
+        self,
+        content: bytes,
+        status_code: int,
+        media_type: str,
+        headers: dict[str, str] | None,
+        background: BackgroundTask | None,
+    ) -> None:
+        # Response's own attributes, set directly: its __init__ builds cookie and encoder tables.
+        self.content = content
+        self.status_code = status_code
+        self.media_type = media_type
+        self.headers = headers or {}
+        self.background = background
+        self.cookies = []
+        self.encoding = "utf-8"
+        self.response_type_encoders = {}
+
+    def to_asgi_response(self, app: Any, request: Any, **_: Any) -> Callable[..., Awaitable[None]]:
+        encoded = [
+            (b"content-type", self.media_type.encode()),
+            (b"content-length", b"%d" % len(self.content)),
+            *((name.encode(), value.encode()) for name, value in self.headers.items()),
+        ]
+        start = {"type": "http.response.start", "status": self.status_code, "headers": encoded}
+        body = {"type": "http.response.body", "body": self.content, "more_body": False}
+        background = self.background
+
+        async def send_reply(scope: Any, receive: Any, send: Any) -> None:
+            await send(start)
+            await send(body)
+            if background is not None:
+                await background()
+
+        return send_reply
 
 
 class StreamRelay:
