@@ -194,6 +194,16 @@ def gateway(
     return service, f"http://127.0.0.1:{port}/v1"
 
 
+def reference(kind: str, upstream_url: str, log_dir: Path, cpus: set[int] | None) -> tuple[Service, str]:
+    """A minimal relay of tests/bench/reference.py in front of the upstream, started; returns it and
+    its base URL (with /v1)."""
+    port = free_port()
+    command = [sys.executable, "-m", "tests.bench.reference", kind, "--port", str(port), "--upstream", upstream_url]
+    service = Service(f"reference-{kind}", command, log_dir, cpus=cpus, env={"PYTHONUNBUFFERED": "1"})
+    service.start(f"http://127.0.0.1:{port}/health")
+    return service, f"http://127.0.0.1:{port}/v1"
+
+
 def machine_info(plan: tuple[set[int] | None, set[int] | None]) -> dict[str, Any]:
     def git(*args: str) -> str:
         try:

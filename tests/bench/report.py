@@ -8,6 +8,8 @@ applies. Figure keys, for targets.py:
     rps                  gateway req/s or streams/s
     rps_vs_direct_pct    gateway streams/s as a percentage of direct
     rps_vs_bare_pct      realistic gateway throughput as a percentage of the bare gateway's
+                         (reference points show the reverse, untargeted: bare as a percentage of
+                         the minimal relay's)
     added_p50_ms/p99     gateway latency minus direct latency
     ttft_added_p50_ms    gateway TTFT p50 minus direct
     gap_added_p99_ms     gateway inter-token gap p99 minus direct
@@ -101,6 +103,9 @@ def rows_for(point: dict[str, Any]) -> list[Row]:
         bare = point.get("bare_rps")
         pct = _pct(g_rps, bare)
         row(unit, ("rps",), "" if pct is None else f"{pct:.0f}% of bare", key="rps_vs_bare_pct", value=pct, digits=0)
+    elif group == "reference":
+        pct = _pct(point.get("bare_rps"), g_rps)
+        row(unit, ("rps",), "" if pct is None else f"bare is {pct:.0f}%", digits=0)
     elif group == "stream-delay":
         pct = _pct(g_rps, d_rps)
         row(unit, ("rps",), "" if pct is None else f"{pct:.1f}% of direct", "rps_vs_direct_pct", value=pct, digits=1)

@@ -66,6 +66,13 @@ class _Bench:
 
     def start_gateway(self, kind: str) -> None:
         self.stop_gateway()
+        if kind.startswith("reference-"):
+            self.gateway, self.gateway_url = procs.reference(
+                kind.removeprefix("reference-"), self.upstream_url, self.log_dir, self.gateway_cpus
+            )
+            self.gateway_config = kind
+            self.services.append(self.gateway)
+            return
         if kind == "realistic":
             if self.redis is None:
                 self.redis = RedisServer(self.log_dir).start()
@@ -278,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     notes = [
         "bare gateway: one backend, no Redis, history off ([history] store_all = false)",
         "realistic gateway: redis-server, [history] store_all = true; " + config.KEYS_AND_LIMITS_NOTE,
+        "reference litestar/asgi: the minimal relays of tests/bench/reference.py in the gateway's place "
+        "(no gateway work; 'bare is N%' compares the bare gateway's throughput with theirs)",
         "direct = the load generator against the bench upstream, no gateway: the ceiling of this set-up",
         "core busy %: direct = load generator + upstream CPU over the run (they share one core); "
         "gateway = the gateway process's CPU over the run",

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 __all__ = ["GROUPS", "Point", "plan", "select"]
 
-GROUPS = ("non-stream", "stream", "stream-delay", "open-streams", "realistic")
+GROUPS = ("non-stream", "stream", "stream-delay", "open-streams", "realistic", "reference")
 
 # 5 ms between tokens: a fast model as a user sees it (200 tokens/s per stream).
 TOKEN_DELAY = 0.005
@@ -43,6 +43,9 @@ class Point:
             return f"open streams {self.concurrency}"
         if self.group == "realistic":
             return f"realistic {kind} c={self.concurrency}"
+        if self.group == "reference":
+            pace = f" {self.token_delay * 1000:g}ms" if self.token_delay else ""
+            return f"reference {self.config.removeprefix('reference-')} {kind}{pace} c={self.concurrency}"
         return f"{kind} c={self.concurrency}"
 
     def loadgen_args(self) -> list[str]:
@@ -75,6 +78,13 @@ def plan(quick: bool) -> list[Point]:
     )
     points.append(Point("realistic", 64, config="realistic", direct_from="non-stream c=64"))
     points.append(Point("realistic", 64, stream=True, config="realistic", direct_from="stream c=64"))
+    if not quick:
+        for relay in ("reference-litestar", "reference-asgi"):
+            points.append(Point("reference", 64, config=relay, direct_from="non-stream c=64"))
+            paced = Point(
+                "reference", 256, stream=True, token_delay=TOKEN_DELAY, config=relay, direct_from="stream 5ms c=256"
+            )
+            points.append(paced)
     return points
 
 
