@@ -137,6 +137,7 @@ async def _forward(
 ) -> Response[bytes] | Stream:
     headers = admission.headers if admission is not None else None
     reply = Reply()
+    reply.keep_message = (turn is not None and turn.active) or state.settings.logging.log_bodies
     if noted is not None:
         noted["reply"] = reply
     span = state.tracing.upstream(route.model, path, route.backends[0].name)

@@ -301,6 +301,11 @@ class WholeReply(Response[bytes]):
         return send_reply
 
 
+_USAGE = b'"usage":{'
+_USAGE_SPACED = b'"usage": {'
+_ERROR = b'"error"'
+
+
 class StreamRelay:
     """One streamed answer, from the upstream's first byte to the client's last."""
 
@@ -484,6 +489,18 @@ class StreamRelay:
         reply = self.reply
         if data == DONE:
             reply.done = True
+            return _FORWARD
+        if (
+            not reply.keep_message
+            and self._guard is None
+            and reply.id is not None
+            and not self._responses_api
+            and _USAGE not in data
+            and _USAGE_SPACED not in data
+            and _ERROR not in data
+        ):
+            # Nothing in this chunk is wanted: decoding every token's chunk would be most of the
+            # relay's CPU. The byte patterns cannot match inside a string value, where quotes are escaped.
             return _FORWARD
         try:
             if self._responses_api:

@@ -54,6 +54,7 @@ class Reply:
         "first_token",
         "gaps",
         "id",
+        "keep_message",
         "model",
         "retries",
         "started",
@@ -74,6 +75,10 @@ class Reply:
         """Seconds between consecutive forwarded stream chunks."""
         self.upstream_time = 0.0
         """Seconds spent waiting on the upstream (send to last byte): the rest is the gateway's own."""
+        self.keep_message = True
+        """Whether the message itself is wanted (history records it, or the access log shows it).
+        When not, a stream's chunks are read only for what the gateway needs from them: the id, the
+        usage, an in-band error."""
         self.id: str | None = None
         self.model: str | None = None
         self.created: int | None = None

@@ -442,3 +442,35 @@ async def test_every_event_numbered_with_the_completion_id(httpx_mock: HTTPXMock
     assert re.findall(rb"(?m)^id: (.*)$", body) == [b"chatcmpl-1/0", b"chatcmpl-1/1", b"chatcmpl-1/2", b"chatcmpl-1/3"]
     assert b": keep-alive\n\n" in body  # comments pass, unnumbered
     assert body.endswith(b"id: chatcmpl-1/3\ndata: [DONE]\n\n")
+
+
+async def test_without_the_message_wanted_only_what_the_gateway_needs_is_read(
+    httpx_mock: HTTPXMock, backend: Backend
+) -> None:
+    # No history and no body logging: token chunks are forwarded unread, but the first chunk (the
+    # completion's id, for the SSE ids), the usage chunk and an in-band error still are.
+    usage = b'data: {"id":"chatcmpl-1","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2}}\n\n'
+    spaced = b'data: {"id":"chatcmpl-1","choices": [], "usage": {"prompt_tokens":4,"completion_tokens":5}}\n\n'
+    tricky = chunk('she wrote \\"usage\\":{ and \\"error\\"')  # inside a string: escaped, so not matched
+    upstream = [chunk("Hel"), chunk("lo"), tricky, usage, DONE]
+    httpx_mock.add_response(url=URL, stream=Chunks(*upstream))
+    reply = Reply()
+    reply.keep_message = False
+    parts = await relay(backend, reply=reply)
+    assert b"".join(parts) == b"".join(upstream)
+    assert reply.done and reply.id == "chatcmpl-1" and reply.model == "m"
+    assert reply.usage is not None and reply.usage.completion_tokens == 2
+    assert reply.message()["content"] == "Hel"  # the first chunk only: the rest was not read
+
+    httpx_mock.add_response(url=URL, stream=Chunks(chunk("a"), spaced, DONE))
+    reply = Reply()
+    reply.keep_message = False
+    await relay(backend, reply=reply)
+    assert reply.usage is not None and reply.usage.completion_tokens == 5
+
+    inband = b'data: {"error":{"message":"engine died","type":"server_error","param":null,"code":"x"}}\n\n'
+    httpx_mock.add_response(url=URL, stream=Chunks(chunk("a"), chunk("b"), inband))
+    reply = Reply()
+    reply.keep_message = False
+    assert (await relay(backend, reply=reply))[-1] == inband
+    assert reply.error == "upstream_error"
