@@ -1,7 +1,7 @@
 """Two minimal relays, measured by the ``reference`` points next to the gateway: what the stack
 costs before the gateway does any work of its own.
 
-    python -m tests.bench.reference {litestar,asgi} --port P --upstream URL
+    python -m tests.bench.reference {litestar,litestar-asgi,asgi} --port P --upstream URL
 
 Both forward ``POST /v1/chat/completions`` to the upstream through the gateway's transport (the
 request's bytes built as the gateway builds them) and relay the answer: a non-streamed body whole, a
@@ -9,9 +9,11 @@ stream's bytes as they arrive. No auth, limits, routing, history, metrics, logs,
 handling. Both run on uvicorn with uvloop and httptools, one worker, as ``gateway serve`` does.
 
 - ``litestar``: one Litestar route handler returning ``Response`` or ``Stream``;
-- ``asgi``: the same as a bare ASGI callable, no framework.
+- ``litestar-asgi``: Litestar routing to an ``@asgi`` route, which runs ``asgi``'s callable;
+- ``asgi``: a bare ASGI callable, no framework.
 
-The gateway can be no cheaper than ``litestar``; ``asgi`` shows what leaving the framework would buy.
+The gateway can be no cheaper than ``litestar``; ``litestar-asgi`` shows what serving the hot routes
+as Litestar ASGI routes would buy, ``asgi`` what leaving the framework would.
 """
 
 from __future__ import annotations
@@ -23,12 +25,13 @@ from typing import Any
 
 import httpx
 import uvicorn
-from litestar import Litestar, Request, Response, get, post
+from litestar import Litestar, Request, Response, asgi, get, post
 from litestar.response import Stream
+from litestar.types import Receive, Scope, Send
 
 from gateway.transport import Transport
 
-__all__ = ["asgi_app", "litestar_app"]
+__all__ = ["asgi_app", "litestar_app", "litestar_asgi_app"]
 
 _TIMEOUTS = {"connect": 5.0, "read": 60.0, "pool": 5.0}
 
@@ -81,6 +84,19 @@ def litestar_app(upstream_url: str) -> Litestar:
     return Litestar([chat, health], openapi_config=None, logging_config=None)
 
 
+def litestar_asgi_app(upstream_url: str) -> Litestar:
+    relay = asgi_app(upstream_url)
+
+    async def chat(scope: Scope, receive: Receive, send: Send) -> None:
+        await relay(scope, receive, send)
+
+    @get("/health")
+    async def health() -> dict[str, str]:
+        return {}
+
+    return Litestar([asgi("/v1/chat/completions")(chat), health], openapi_config=None, logging_config=None)
+
+
 def asgi_app(upstream_url: str) -> Any:
     upstream = _Upstream(upstream_url)
 
@@ -115,11 +131,11 @@ def asgi_app(upstream_url: str) -> Any:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("kind", choices=("litestar", "asgi"))
+    parser.add_argument("kind", choices=("litestar", "litestar-asgi", "asgi"))
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream", required=True, help="the upstream's base URL, ending in /v1")
     args = parser.parse_args()
-    app = litestar_app(args.upstream) if args.kind == "litestar" else asgi_app(args.upstream)
+    app = {"litestar": litestar_app, "litestar-asgi": litestar_asgi_app, "asgi": asgi_app}[args.kind](args.upstream)
     gc.set_threshold(10_000, 20, 50)  # as gateway serve does
     uvicorn.run(
         app,

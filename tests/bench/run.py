@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     notes = [
         "bare gateway: one backend, no Redis, history off ([history] store_all = false)",
         "realistic gateway: redis-server, [history] store_all = true; " + config.KEYS_AND_LIMITS_NOTE,
-        "reference litestar/asgi: the minimal relays of tests/bench/reference.py in the gateway's place "
+        "reference litestar/litestar-asgi/asgi: the minimal relays of tests/bench/reference.py in the gateway's place "
         "(no gateway work; 'bare is N%' compares the bare gateway's throughput with theirs)",
         "direct = the load generator against the bench upstream, no gateway: the ceiling of this set-up",
         "core busy %: direct = load generator + upstream CPU over the run (they share one core); "

@@ -79,7 +79,7 @@ def plan(quick: bool) -> list[Point]:
     points.append(Point("realistic", 64, config="realistic", direct_from="non-stream c=64"))
     points.append(Point("realistic", 64, stream=True, config="realistic", direct_from="stream c=64"))
     if not quick:
-        for relay in ("reference-litestar", "reference-asgi"):
+        for relay in ("reference-litestar", "reference-litestar-asgi", "reference-asgi"):
             points.append(Point("reference", 64, config=relay, direct_from="non-stream c=64"))
             paced = Point(
                 "reference", 256, stream=True, token_delay=TOKEN_DELAY, config=relay, direct_from="stream 5ms c=256"
