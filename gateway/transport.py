@@ -9,8 +9,8 @@ bytes built from the ``httpx.Request``, and a response body is the parser's chun
 reader as they arrive. Callers keep httpx's API: ``httpx.AsyncClient(transport=Transport())``,
 httpx's exceptions and timeouts (``connect``, ``read`` per read, ``pool``).
 
-What it does not do, because no backend needs it: HTTP/2, proxies, request bodies that are not read
-into memory first (the gateway's are), and ``Expect: 100-continue``.
+What it does not do, because no backend needs it: HTTP/2, proxies, HEAD requests, request bodies that
+are not read into memory first (the gateway's are), and ``Expect: 100-continue``.
 """
 
 from __future__ import annotations
@@ -408,6 +408,9 @@ class Transport(httpx.AsyncBaseTransport):
         scheme = url.raw_scheme
         if scheme not in _DEFAULT_PORTS:
             raise httpx.UnsupportedProtocol(f"Unsupported URL scheme {url.scheme!r} in {url}.")
+        if request.method == "HEAD":
+            # The parser would wait for the body the headers announce; nothing here sends HEAD.
+            raise httpx.UnsupportedProtocol("HEAD requests are not supported by this transport.")
         try:
             content = request.content
         except httpx.RequestNotRead:

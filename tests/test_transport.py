@@ -262,9 +262,11 @@ async def test_connection_refused_is_a_connect_error(client: httpx.AsyncClient) 
         await client.get(f"http://127.0.0.1:{port}/")
 
 
-async def test_an_unsupported_scheme_is_refused(client: httpx.AsyncClient) -> None:
+async def test_an_unsupported_scheme_or_method_is_refused(client: httpx.AsyncClient) -> None:
     with pytest.raises(httpx.UnsupportedProtocol):
         await client.get("ftp://127.0.0.1/")
+    with pytest.raises(httpx.UnsupportedProtocol, match="HEAD"):
+        await client.head("http://127.0.0.1:9/")
 
 
 async def test_the_pool_bounds_open_connections_and_times_out_waiting_for_one() -> None:
