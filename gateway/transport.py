@@ -53,7 +53,6 @@ class _Connection(asyncio.Protocol):
         self._buffered = 0
         self._paused = False
         self.status = 0
-        self.reason = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.headers_done = False
         self.complete = False
@@ -94,7 +93,7 @@ class _Connection(asyncio.Protocol):
                 self.complete = True  # read-until-close framing: the end of the connection ends the body
             else:
                 self._fail(httpx.ReadError("The upstream closed the connection before the response was complete."))
-        self._wake(True)
+        self._wake()
 
     def pause_writing(self) -> None:  # request bodies are written whole; the kernel buffers them
         pass
@@ -111,7 +110,7 @@ class _Connection(asyncio.Protocol):
         self.status = self._parser.get_status_code()
         self.keep_alive = self._parser.should_keep_alive()
         self.headers_done = True
-        self._wake(True)
+        self._wake()
 
     def on_body(self, body: bytes) -> None:
         self._chunks.append(body)
@@ -119,11 +118,11 @@ class _Connection(asyncio.Protocol):
         if self._buffered > _HIGH_WATER and not self._paused and self.transport is not None:
             self._paused = True
             self.transport.pause_reading()
-        self._wake(True)
+        self._wake()
 
     def on_message_complete(self) -> None:
         self.complete = True
-        self._wake(True)
+        self._wake()
 
     # the reader's side
 
@@ -137,6 +136,9 @@ class _Connection(asyncio.Protocol):
         # arrived whole, or the connection would not be back in the pool, but it is not this one's.
         self._chunks.clear()
         self._buffered = 0
+        if self._paused:  # that unread rest had filled the buffer
+            self._paused = False
+            self.transport.resume_reading()  # type: ignore[union-attr]
         self.transport.write(data)  # type: ignore[union-attr]
 
     async def wait(self, timeout: float | None) -> None:
@@ -201,12 +203,12 @@ class _Connection(asyncio.Protocol):
     def _fail(self, error: httpx.TransportError) -> None:
         if self.error is None:
             self.error = error
-        self._wake(True)
+        self._wake()
 
-    def _wake(self, value: bool) -> None:
+    def _wake(self) -> None:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
-            waiter.set_result(value)
+            waiter.set_result(True)
 
 
 class _Body(httpx.AsyncByteStream):

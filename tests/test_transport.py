@@ -20,7 +20,7 @@ import pytest
 
 from gateway.backends import Backend
 from gateway.settings import BackendSettings
-from gateway.transport import Transport
+from gateway.transport import Transport, _Connection, _Pool
 from gateway.upstream import open_response
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -498,3 +498,34 @@ async def test_a_body_left_unread_does_not_leak_into_the_next_response(client: h
         async with client.stream("POST", f"{server.url}/a", content=b"{}") as response:
             assert b"".join([p async for p in response.aiter_raw()]) == b"first of 2\nrest of 2\n"
         assert server.connections == 1
+
+
+async def test_a_connection_reused_after_a_large_unread_answer_reads_again() -> None:
+    # An answer that filled the buffer and completed in the same read leaves reading paused; the
+    # next request on the connection must resume it, or its answer would never be read.
+    class Socket:
+        reading = True
+        written = b""
+
+        def get_extra_info(self, name: str) -> None:
+            return None
+
+        def pause_reading(self) -> None:
+            self.reading = False
+
+        def resume_reading(self) -> None:
+            self.reading = True
+
+        def write(self, data: bytes) -> None:
+            self.written += data
+
+    pool = _Pool(httpx.Limits())
+    connection = _Connection(pool, (b"http", "upstream", 80))
+    socket = Socket()
+    connection.connection_made(socket)  # type: ignore[arg-type]
+    connection.begin(b"GET / HTTP/1.1\r\n\r\n")
+    big = b"x" * (1024 * 1024)
+    connection.data_received(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(big), big))
+    assert connection.complete and connection.reusable() and not socket.reading
+    connection.begin(b"GET /again HTTP/1.1\r\n\r\n")
+    assert socket.reading and not connection.has_body()
