@@ -202,5 +202,6 @@ def create_app(
         ),
     )
     # Around Litestar's whole handler, routing included, so 404s are counted and logged too.
-    app.asgi_handler = Observer(app.asgi_handler, metrics, tracing, log_bodies=settings.logging.log_bodies)
+    app.asgi_handler = observer = Observer(app.asgi_handler, metrics, tracing, log_bodies=settings.logging.log_bodies)
+    app.state.observer = observer  # the WebSocket route reports each of its requests through it
     return app

@@ -1,12 +1,13 @@
 """What every request leaves behind once it is complete: its metrics, one access line, its span.
 
-One ASGI wrapper around the whole app sees every request, 404s and errors included (Litestar's own
+One ASGI wrapper around the whole app sees every HTTP request, 404s and errors included (Litestar's own
 middleware runs after routing, so it never sees a path that matched nothing), and gives each response
 its ``x-request-id``. It notes when the request arrived, its status, and when its last byte went out;
 it reports when the app returns, which is after the response's background work, so a stream's reply
 (tokens, time to first token, gaps) is complete by then and observed once. What the request was
 about comes from ``scope["state"]``: ``principal`` and ``tenant`` (authentication), and ``model``,
-``backend``, ``reply``, ``stream`` and ``user`` (the API handlers).
+``backend``, ``reply``, ``stream`` and ``user`` (the API handlers). Requests over the WebSocket route
+are reported one by one by that route, through :meth:`Observer.report`.
 
 The access line names the key (never its secret) and holds no message content, unless
 ``[logging] log_bodies = true`` adds the request body and the reply's message.
@@ -88,6 +89,11 @@ class Observer:
                 metrics.open_streams.dec()
             duration = (finished or time.perf_counter()) - started
             self._report(scope, status or _CLIENT_GONE, duration, span, body)
+
+    def report(self, scope: Scope, status: int, duration: float, body: bytes | None = None) -> None:
+        """One request that did not come as its own HTTP request (a WebSocket's): ``scope`` as an HTTP
+        request's would be (``method``, ``path``, ``path_template``, ``state``)."""
+        self._report(scope, status, duration, None, [body] if body is not None and self._log_bodies else None)
 
     def _report(self, scope: Scope, status: int, duration: float, span: Any, body: list[bytes] | None) -> None:
         route = scope.get("path_template") or "unmatched"

@@ -61,6 +61,10 @@ __all__ = ["chat_socket"]
 
 log = logging.getLogger("gateway.websocket")
 
+_ROUTE = "/v1/chat/ws"
+_CANCELLED = 499
+"""The status reported for a request cancelled before its answer ended (nginx's convention)."""
+
 _DONE = DONE.decode()
 _RESUMABLE_GRACE = 5.0
 """Seconds a cancelled resumable generation has to end its stream before the socket stops following it."""
@@ -167,9 +171,23 @@ class _Session:
         # its request id, and what _chat notes there (model, reply...), as an HTTP request would.
         noted = {k: v for k, v in self.socket.scope["state"].items() if k != CONNECTION_STATE_KEY}
         noted["request_id"] = rid
+        started = time.perf_counter()
+        status = 500  # unless it is answered: a bug of ours (_run reports it to the client)
+        try:
+            status = await self._respond(job, rid, noted)
+        except asyncio.CancelledError:
+            status = _CANCELLED  # the socket is closing
+            raise
+        finally:
+            # Its metrics and access line, as an HTTP request's (the socket itself gets none).
+            scope = {**self.socket.scope, "state": noted, "method": "WEBSOCKET", "path_template": _ROUTE}
+            self.state.observer.report(scope, status, time.perf_counter() - started, job.body)
+
+    async def _respond(self, job: _Job, rid: str, noted: dict[str, Any]) -> int:
+        """Answer one request; the HTTP status it would have had (499: cancelled)."""
         if job.stop.is_set():  # cancelled while queued
             await self._cancelled(job, noted)
-            return
+            return _CANCELLED
         try:
             if len(job.body) > self.state.settings.server.max_body_size:
                 raise PayloadTooLarge("Request body is larger than the gateway accepts ([server] max_body_size).")
@@ -178,22 +196,24 @@ class _Session:
             if not await _first(chatting, job.stop):
                 self._abandon(chatting, noted)
                 await self._cancelled(job, noted)
-                return
+                return _CANCELLED
             response = chatting.result()
         except Exception as exc:
-            await self._send(render(exc, rid).content)
+            error = render(exc, rid)
+            await self._send(error.content)
             await self._send(_DONE)
-            return
+            return error.status_code or 500
         if isinstance(response, Stream):
-            await self._relay(response, job, noted)
-            return
+            return 200 if await self._relay(response, job, noted) else _CANCELLED
         try:
             await self._send(response.content)
         finally:
             await _background(response)
         await self._send(_DONE)
+        return response.status_code or 200
 
-    async def _relay(self, stream: Stream, job: _Job, noted: dict[str, Any]) -> None:
+    async def _relay(self, stream: Stream, job: _Job, noted: dict[str, Any]) -> bool:
+        """Forward a stream's events; False when it was cancelled."""
         pumping = asyncio.ensure_future(self._pump(stream.iterator))
         try:
             stopped = not await _first(pumping, job.stop)
@@ -215,9 +235,10 @@ class _Session:
             await _background(stream)
         if pumping.cancelled():
             await self._cancelled(job, noted)
-            return
+            return False
         pumping.result()  # a bug in the pump: raise it
         await self._send(_DONE)
+        return True
 
     async def _pump(self, events: AsyncIterable[str | bytes]) -> None:
         """Send the data of each event as a frame, but for the upstream's ``[DONE]``: the gateway sends

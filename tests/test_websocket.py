@@ -9,6 +9,7 @@ tests at the end run ``gateway serve`` and a real WebSocket client, and are skip
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -306,3 +307,29 @@ def test_cancel_stops_a_resumable_generation(
     assert last["id"] == first[0]["id"]
     assert last["choices"] == [{"index": 0, "delta": {}, "finish_reason": "cancelled"}]
     upstream.wait_event("disconnect", timeout=2)
+
+
+def test_each_request_on_a_socket_gets_its_access_line_and_metrics(
+    client: TestClient[Any], ws: WebSocketTestSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    streamed = chat(stream=True, max_tokens=3, stream_options={"include_usage": True})
+    assert text_of(ask(ws, streamed)) == "tok0 tok1 tok2"
+    ask(ws, chat(model="no-such-model"))
+    ask(ws, chat(max_tokens=2))
+
+    def access_lines() -> list[dict[str, Any]] | None:
+        # Reported once each answer's [DONE] has gone out: the last one may still be on its way.
+        found = [r.fields for r in caplog.records if r.name == "gateway.access"]  # type: ignore[attr-defined]
+        return found if len(found) >= 3 else None
+
+    lines = eventually(access_lines)
+    assert [line["path"] for line in lines] == ["/v1/chat/ws"] * 3
+    assert [line["status"] for line in lines] == [200, 404, 200]
+    assert [line["method"] for line in lines] == ["WEBSOCKET"] * 3
+    assert lines[0]["model"] == "fake-model" and lines[0]["completion_tokens"] == 3
+    assert lines[0]["request_id"].endswith("-1") and lines[2]["request_id"].endswith("-3")
+    assert all("hello socket" not in str(line) for line in lines)  # no message text without log_bodies
+    scrape = client.get("/metrics").text
+    assert 'gateway_requests_total{backend="fake",model="fake-model",route="/v1/chat/ws",status="200"} 2.0' in scrape
+    assert 'route="/v1/chat/ws",status="404"} 1.0' in scrape
