@@ -294,17 +294,20 @@ async def test_the_pool_bounds_open_connections_and_times_out_waiting_for_one() 
 
 
 async def test_a_cancelled_request_frees_its_slot_and_its_connection_is_not_reused() -> None:
+    arrived = asyncio.Event()
+
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:
             request = await server.read_request(reader)
             if b"slow" in request:
+                arrived.set()
                 await asyncio.sleep(5)
             writer.write(answer(b"ok"))
 
     transport = Transport(limits=httpx.Limits(max_connections=1))
     async with Server(handler) as server, httpx.AsyncClient(transport=transport, timeout=5) as client:
         slow = asyncio.create_task(client.post(f"{server.url}/a", content=b"slow"))
-        await asyncio.sleep(0.05)
+        await asyncio.wait_for(arrived.wait(), 5)  # sent, and waiting for its answer
         slow.cancel()
         with pytest.raises(asyncio.CancelledError):
             await slow
