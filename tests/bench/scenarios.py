@@ -6,6 +6,7 @@ the same arguments, one after the other.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 from dataclasses import dataclass
 
@@ -81,10 +82,9 @@ def plan(quick: bool) -> list[Point]:
     if not quick:
         for relay in ("reference-litestar", "reference-litestar-asgi", "reference-asgi"):
             points.append(Point("reference", 64, config=relay, direct_from="non-stream c=64"))
-            paced = Point(
-                "reference", 256, stream=True, token_delay=TOKEN_DELAY, config=relay, direct_from="stream 5ms c=256"
-            )
-            points.append(paced)
+            for c in (64, 256):
+                paced = Point("reference", c, stream=True, token_delay=TOKEN_DELAY, config=relay)
+                points.append(dataclasses.replace(paced, direct_from=f"stream 5ms c={c}"))
     return points
 
 
