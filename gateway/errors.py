@@ -117,6 +117,11 @@ class PayloadTooLarge(GatewayError):
     type = "invalid_request_error"
     code = "payload_too_large"
 
+    MESSAGE = "Request body is larger than the gateway accepts ([server] max_body_size)."
+
+    def __init__(self) -> None:
+        super().__init__(self.MESSAGE)
+
 
 class RateLimited(GatewayError):
     status = 429
@@ -242,7 +247,7 @@ def render(exc: Exception, request_id: str | None) -> Response[bytes]:
         kind, code = _LITESTAR_TYPES.get(status, ("server_error" if status >= 500 else "invalid_request_error", None))
         message = exc.detail if isinstance(exc.detail, str) and exc.detail else "Request failed"
         if status == 413:
-            message = "Request body is larger than the gateway accepts ([server] max_body_size)."
+            message = PayloadTooLarge.MESSAGE
         detail = ErrorDetail(message=message, type=kind, code=code)
         headers.update(exc.headers or {})
     else:

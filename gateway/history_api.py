@@ -73,8 +73,8 @@ def _completion(record: CompletionRecord) -> dict[str, Any]:
     }
 
 
-@get("/chat/completions")
 async def list_completions(request: Request, state: State) -> Response[bytes]:
+    """GET /v1/chat/completions, answered by the route POST shares (gateway/api.py)."""
     after, limit, order = _page(request, "asc")
     metadata = {m.group(1): value for key, value in request.query_params.items() if (m := _METADATA_KEY.match(key))}
     records, more = await state.history.store.list_completions(
@@ -239,7 +239,6 @@ async def delete_item(request: Request, state: State) -> Response[bytes]:
 
 
 handlers = [
-    list_completions,
     retrieve_completion,
     completion_messages,
     update_completion,
@@ -254,5 +253,5 @@ handlers = [
     retrieve_item,
     delete_item,
 ]
-"""Served under ``/v1``, in the same router as :mod:`gateway.api`: two routers sharing a path
-(``/v1/chat/completions`` takes POST there, GET here) would each add an OPTIONS handler for it."""
+"""Served under ``/v1``. :func:`list_completions` is not among them: ``/v1/chat/completions`` is one
+route, gateway/api.py's, which answers GET with it."""

@@ -12,12 +12,12 @@ from typing import Any, TypeVar
 
 import msgspec
 from litestar import Request
-from litestar.types import Scope
+from litestar.types import Receive, Scope
 
-from gateway.errors import InvalidJSON, InvalidRequest
+from gateway.errors import InvalidJSON, InvalidRequest, PayloadTooLarge
 from gateway.wire import ChatRequest, RoutedRequest, decode_chat, decode_routed
 
-__all__ = ["decode_body", "parse_chat", "parse_routed", "request_id"]
+__all__ = ["decode_body", "parse_chat", "parse_routed", "read_body", "request_id"]
 
 T = TypeVar("T")
 
@@ -43,6 +43,37 @@ def request_id(scope: Scope | Request) -> str:
             rid = uuid.uuid4().hex
         state["request_id"] = rid
     return rid
+
+
+class ClientGone(Exception):
+    """The client disconnected before its request's body had arrived: nobody is left to answer."""
+
+
+async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+    """The request's body, refused with a 413 once it is over ``limit`` bytes (by its declared
+    length before reading anything, else as it arrives)."""
+    for name, value in scope["headers"]:
+        if name == b"content-length" and value.isdigit() and int(value) > limit:
+            raise PayloadTooLarge()
+    message = await receive()
+    if message["type"] == "http.request" and not message.get("more_body"):
+        body: bytes = message.get("body", b"")
+        if len(body) > limit:
+            raise PayloadTooLarge()
+        return body
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        if message["type"] != "http.request":
+            raise ClientGone
+        part = message.get("body", b"")
+        size += len(part)
+        if size > limit:
+            raise PayloadTooLarge()
+        parts.append(part)
+        if not message.get("more_body"):
+            return b"".join(parts)
+        message = await receive()
 
 
 def parse_chat(body: bytes) -> ChatRequest:

@@ -190,7 +190,7 @@ class _Session:
             return _CANCELLED
         try:
             if len(job.body) > self.state.settings.server.max_body_size:
-                raise PayloadTooLarge("Request body is larger than the gateway accepts ([server] max_body_size).")
+                raise PayloadTooLarge()
             request: Request[Any, Any, Any] = Request({**self.socket.scope, "state": noted})
             chatting = asyncio.ensure_future(_chat(request, self.state, job.body))
             if not await _first(chatting, job.stop):

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 import redis.asyncio
-from litestar.routes import HTTPRoute
+from litestar.routes import ASGIRoute, HTTPRoute
 from litestar.testing import AsyncTestClient
 from pytest_httpx import HTTPXMock
 
@@ -245,6 +245,24 @@ async def test_cors_when_configured() -> None:
             "/v1/chat/completions", headers={"origin": "https://app.example", "access-control-request-method": "POST"}
         )
         assert response.headers["access-control-allow-origin"] == "https://app.example"
+        answered = await client.post("/v1/chat/completions", json=chat(), headers={"origin": "https://app.example"})
+        assert answered.status_code == 200
+        assert answered.headers["access-control-allow-origin"] == "https://app.example"
+
+
+async def test_the_hot_routes_answer_other_methods_as_a_route_handler_would(client: AsyncTestClient) -> None:
+    # The chat, completions, embeddings and responses routes are ASGI routes (gateway/api.py): what
+    # Litestar's route handlers do for free, they do themselves.
+    refused = await client.put("/v1/chat/completions", json=chat())
+    assert refused.status_code == 405
+    assert refused.json()["error"]["type"] == "invalid_request_error"
+    assert refused.headers["allow"] == "GET, OPTIONS, POST"
+    assert "x-request-id" in refused.headers
+    assert (await client.get("/v1/embeddings")).headers["allow"] == "OPTIONS, POST"
+    options = await client.options("/v1/responses")
+    assert options.status_code == 204 and options.headers["allow"] == "OPTIONS, POST"
+    listing = await client.get("/v1/chat/completions")
+    assert listing.status_code == 200 and listing.json()["object"] == "list"
 
 
 async def test_every_api_route_refuses_a_request_without_a_key() -> None:
@@ -257,13 +275,18 @@ async def test_every_api_route_refuses_a_request_without_a_key() -> None:
         for route in app.routes:
             if not (route.path.startswith("/v1") or route.path == "/chat"):
                 continue
-            if not isinstance(route, HTTPRoute):
+            if isinstance(route, ASGIRoute):
+                methods = {"POST", "GET"} if route.path == "/v1/chat/completions" else {"POST"}
+            elif isinstance(route, HTTPRoute):
+                methods = route.methods - {"OPTIONS", "HEAD"}
+            else:
                 continue  # the WebSocket's guard is tested in tests/test_websocket.py
-            for method in sorted(route.methods - {"OPTIONS", "HEAD"}):
+            for method in sorted(methods):
                 path = route.path.replace(":path}", "}").replace(":str}", "}").replace("{", "").replace("}", "")
                 response = await client.request(method, path, json={})
                 assert response.status_code == 401, (method, path, response.text)
                 assert response.json()["error"]["code"] == "missing_api_key"
                 checked.append((method, route.path))
-    assert ("POST", "/v1/chat/completions") in checked and ("POST", "/chat") in checked
+    assert ("POST", "/v1/chat/completions") in checked and ("GET", "/v1/chat/completions") in checked
+    assert ("POST", "/v1/embeddings") in checked and ("POST", "/chat") in checked
     assert len(checked) > 15

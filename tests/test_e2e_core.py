@@ -196,6 +196,19 @@ def test_body_over_limit_is_413(client: openai.OpenAI) -> None:
     assert info.value.status_code == 413 and info.value.code == "payload_too_large"
 
 
+def test_a_chunked_body_over_the_limit_is_413_as_it_arrives(gateway: Gateway) -> None:
+    # No content-length to refuse it by: the gateway counts what arrives (32 MiB by default).
+    def body() -> Iterator[bytes]:
+        yield b'{"model":"fake-model","input":"'
+        for _ in range(40):
+            yield b"a" * (1024 * 1024)
+        yield b'"}'
+
+    response = httpx.post(f"{gateway.base_url}/embeddings", content=body(), timeout=30)
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "payload_too_large"
+
+
 def test_unreachable_upstream_is_502(client: openai.OpenAI) -> None:
     with pytest.raises(openai.InternalServerError) as info:
         client.chat.completions.create(model="dead-model", messages=MESSAGES)
