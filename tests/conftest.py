@@ -249,6 +249,11 @@ class Upstream(_Process):
         self.url = f"http://{LOCALHOST}:{self.port}"
         self.base_url = f"{self.url}/v1"
 
+    def backend_toml(self, name: str = "fake", models: Sequence[str] = ("fake-model",)) -> str:
+        """A gateway config's ``[[backends]]`` entry for this upstream, served as vLLM."""
+        listed = ", ".join(f'"{model}"' for model in models)
+        return f'[[backends]]\nname = "{name}"\nkind = "vllm"\nbase_url = "{self.base_url}"\nmodels = [{listed}]\n'
+
     def start(self, timeout: float = 10) -> Upstream:
         command = [sys.executable, str(FAKE_UPSTREAM), "--host", LOCALHOST, "--port", str(self.port)]
         command += ["--models", ",".join(self.models), "--name", self.upstream_name]

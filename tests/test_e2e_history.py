@@ -43,12 +43,7 @@ url = "{redis_url}"
 ttl_days = 2
 max_messages = 50
 
-[[backends]]
-name = "fake"
-kind = "vllm"
-base_url = "{upstream.base_url}"
-models = ["fake-model"]
-{extra}
+{upstream.backend_toml()}{extra}
 """
 
 

@@ -31,12 +31,7 @@ master_key = "{MASTER}"
 [limits]
 window = {WINDOW}
 
-[[backends]]
-name = "fake"
-kind = "vllm"
-base_url = "{upstream.base_url}"
-models = ["fake-model", "other-model"]
-
+{upstream.backend_toml(models=("fake-model", "other-model"))}
 [[backends]]
 name = "mock"
 kind = "mock"

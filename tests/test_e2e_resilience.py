@@ -115,12 +115,7 @@ interval = 60
 [retries]
 max_attempts = 1
 
-[[backends]]
-name = "flaky"
-kind = "vllm"
-base_url = "{upstream.base_url}"
-models = ["fake-model"]
-""")
+{upstream.backend_toml("flaky")}""")
     client = gateway.client()
     for _ in range(3):
         with pytest.raises(openai.InternalServerError):
@@ -182,12 +177,7 @@ kind = "openai"
 base_url = "http://127.0.0.1:{free_port()}/v1"
 models = ["big-model"]
 
-[[backends]]
-name = "small"
-kind = "vllm"
-base_url = "{upstream.base_url}"
-models = ["fake-model"]
-
+{upstream.backend_toml("small")}
 [[models]]
 name = "big-model"
 fallbacks = ["fake-model"]
@@ -226,12 +216,7 @@ async def test_sigterm_during_fifty_streams_loses_none(upstream: Upstream, start
 drain_delay = 1.0
 grace_period = 20
 
-[[backends]]
-name = "fake"
-kind = "vllm"
-base_url = "{upstream.base_url}"
-models = ["fake-model"]
-""")
+{upstream.backend_toml()}""")
     client = gateway.async_client(timeout=30)
 
     async def stream() -> str:

@@ -22,12 +22,7 @@ def config(upstream: Upstream, redis_url: str | None) -> str:
     redis = f'[redis]\nurl = "{redis_url}"\n' if redis_url else ""
     return f"""
 {redis}
-[[backends]]
-name = "fake"
-kind = "vllm"
-base_url = "{upstream.base_url}"
-models = ["fake-model"]
-"""
+{upstream.backend_toml()}"""
 
 
 @pytest.fixture(scope="module")

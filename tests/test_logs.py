@@ -53,12 +53,7 @@ def test_access_lines_of_a_gateway_process_are_json_and_keep_secrets_out(
 level = "${{LOG_LEVEL:-warning}}"
 format = "json"
 
-[[backends]]
-name = "fake"
-kind = "vllm"
-base_url = "{upstream.base_url}"
-models = ["fake-model"]
-
+{upstream.backend_toml()}
 [[keys]]
 name = "team-a"
 key = "{SECRET}"

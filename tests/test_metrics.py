@@ -221,12 +221,7 @@ def test_each_app_has_its_own_metrics() -> None:
 def gateway_config(upstream: Upstream, extra: str = "") -> str:
     return f"""
 {extra}
-[[backends]]
-name = "fake"
-kind = "vllm"
-base_url = "{upstream.base_url}"
-models = ["fake-model"]
-
+{upstream.backend_toml()}
 [[keys]]
 name = "team-a"
 key = "sk-team-a-0123456789"

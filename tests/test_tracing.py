@@ -317,12 +317,7 @@ def test_a_gateway_process_exports_spans_over_otlp(
     }
     gateway = start_gateway(
         f"""
-[[backends]]
-name = "fake"
-kind = "vllm"
-base_url = "{upstream.base_url}"
-models = ["fake-model"]
-""",
+{upstream.backend_toml()}""",
         env=env,
     )
     completion = gateway.client().chat.completions.create(model="fake-model", messages=MESSAGES)  # type: ignore[arg-type]

@@ -40,12 +40,7 @@ idle = 5.0
 [retries]
 max_attempts = 1
 
-[[backends]]
-name = "fake"
-kind = "vllm"
-base_url = "{upstream.base_url}"
-models = ["fake-model"]
-{extra}
+{upstream.backend_toml()}{extra}
 """
 
 
