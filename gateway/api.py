@@ -64,9 +64,8 @@ def _endpoint(path: str, answer: Answer, listing: Listing | None = None) -> ASGI
     async def endpoint(scope: LitestarScope, receive: Receive, send: Send) -> None:
         method = scope["method"]
         if method == "OPTIONS":
-            await Response(None, status_code=204, headers={"allow": allow}).to_asgi_response(None, None)(  # type: ignore[arg-type]
-                scope, receive, send
-            )
+            await send({"type": "http.response.start", "status": 204, "headers": [(b"allow", allow.encode())]})
+            await send({"type": "http.response.body", "body": b""})
             return
         if method != "POST" and not (method == "GET" and listing is not None):
             raise MethodNotAllowedException(headers={"allow": allow})

@@ -38,6 +38,7 @@ from gateway.wire import ErrorBody, ErrorDetail, encode
 
 __all__ = [
     "AuthenticationFailed",
+    "ClientGone",
     "GatewayError",
     "InvalidJSON",
     "InvalidRequest",
@@ -121,6 +122,18 @@ class PayloadTooLarge(GatewayError):
 
     def __init__(self) -> None:
         super().__init__(self.MESSAGE)
+
+
+class ClientGone(GatewayError):
+    """The client disconnected before its request's body had arrived. Nobody reads the answer; the
+    status is what the access line and metrics report (nginx's convention)."""
+
+    status = 499
+    type = "invalid_request_error"
+    code = "client_disconnected"
+
+    def __init__(self) -> None:
+        super().__init__("The client disconnected before sending the whole request body.")
 
 
 class RateLimited(GatewayError):

@@ -14,7 +14,7 @@ import msgspec
 from litestar import Request
 from litestar.types import Receive, Scope
 
-from gateway.errors import InvalidJSON, InvalidRequest, PayloadTooLarge
+from gateway.errors import ClientGone, InvalidJSON, InvalidRequest, PayloadTooLarge
 from gateway.wire import ChatRequest, RoutedRequest, decode_chat, decode_routed
 
 __all__ = ["decode_body", "parse_chat", "parse_routed", "read_body", "request_id"]
@@ -45,10 +45,6 @@ def request_id(scope: Scope | Request) -> str:
     return rid
 
 
-class ClientGone(Exception):
-    """The client disconnected before its request's body had arrived: nobody is left to answer."""
-
-
 async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
     """The request's body, refused with a 413 once it is over ``limit`` bytes (by its declared
     length before reading anything, else as it arrives)."""
@@ -65,7 +61,7 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
     size = 0
     while True:
         if message["type"] != "http.request":
-            raise ClientGone
+            raise ClientGone()
         part = message.get("body", b"")
         size += len(part)
         if size > limit:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import httpx
 import pytest
@@ -13,6 +14,8 @@ from litestar.testing import AsyncTestClient
 from pytest_httpx import HTTPXMock
 
 from gateway.app import create_app
+from gateway.errors import ClientGone, PayloadTooLarge, render
+from gateway.request import read_body
 from gateway.settings import BackendSettings, KeySettings, RetrySettings, ServerSettings, Settings
 from tests.conftest import free_port
 
@@ -290,3 +293,30 @@ async def test_every_api_route_refuses_a_request_without_a_key() -> None:
     assert ("POST", "/v1/chat/completions") in checked and ("GET", "/v1/chat/completions") in checked
     assert ("POST", "/v1/embeddings") in checked and ("POST", "/chat") in checked
     assert len(checked) > 15
+
+
+async def test_the_hot_routes_read_their_body_in_parts_and_notice_a_client_that_left() -> None:
+    def receiving(*messages: dict[str, Any]) -> Callable[[], Awaitable[dict[str, Any]]]:
+        queue = list(messages)
+
+        async def receive() -> dict[str, Any]:
+            return queue.pop(0)
+
+        return receive
+
+    scope: dict[str, Any] = {"headers": []}
+    parts = receiving(
+        {"type": "http.request", "body": b"ab", "more_body": True},
+        {"type": "http.request", "body": b"cd", "more_body": False},
+    )
+    assert await read_body(scope, parts, 4) == b"abcd"
+    with pytest.raises(PayloadTooLarge):
+        await read_body(scope, receiving({"type": "http.request", "body": b"abcde"}), 4)
+    with pytest.raises(PayloadTooLarge):  # refused by its declared length, before anything is read
+        await read_body({"headers": [(b"content-length", b"5")]}, receiving(), 4)
+    gone = receiving({"type": "http.request", "body": b"ab", "more_body": True}, {"type": "http.disconnect"})
+    with pytest.raises(ClientGone) as info:
+        await read_body(scope, gone, 4)
+    # Answered (to nobody) as a 499 the access line reports, not logged as a server error.
+    rendered = render(info.value, "rid")
+    assert rendered.status_code == 499
