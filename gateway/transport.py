@@ -95,12 +95,6 @@ class _Connection(asyncio.Protocol):
                 self._fail(httpx.ReadError("The upstream closed the connection before the response was complete."))
         self._wake()
 
-    def pause_writing(self) -> None:  # request bodies are written whole; the kernel buffers them
-        pass
-
-    def resume_writing(self) -> None:
-        pass
-
     # httptools callbacks
 
     def on_header(self, name: bytes, value: bytes) -> None:

@@ -37,18 +37,27 @@ async def open_response(
 ) -> httpx.Response:
     client = backend.client
     transport = client._transport
+    accept = b"text/event-stream" if stream else b"application/json"
+    rid = request_id.encode()
     with upstream_errors(backend.name):
         if isinstance(transport, Transport) and not client.event_hooks["request"]:
             data = b"%saccept: %s\r\nx-request-id: %s\r\ncontent-length: %d\r\n\r\n%s" % (
                 backend.request_head(path),
-                b"text/event-stream" if stream else b"application/json",
-                request_id.encode(),
+                accept,
+                rid,
                 len(body),
                 body,
             )
             response = await transport.send(backend.origin, data, timeout.as_dict(), read=not stream)
         else:
-            response = await _send(client, backend, path, body, request_id=request_id, stream=stream, timeout=timeout)
+            headers = [*backend.header_list, (b"accept", accept), (b"x-request-id", rid)]
+            request = httpx.Request(
+                "POST", backend.url(path), content=body, headers=headers, extensions={"timeout": timeout.as_dict()}
+            )
+            for hook in client.event_hooks["request"]:
+                await hook(request)
+            response = await transport.handle_async_request(request)
+            response.request = request
         if response.status_code >= 400:
             try:
                 content = await response.aread()
@@ -56,29 +65,4 @@ async def open_response(
                 await response.aclose()
             passed = {name: response.headers[name] for name in _PASSED_ON_ERROR if name in response.headers}
             raise UpstreamStatus(backend.name, response.status_code, content, passed)
-    return response
-
-
-async def _send(
-    client: httpx.AsyncClient,
-    backend: Backend,
-    path: str,
-    body: bytes,
-    *,
-    request_id: str,
-    stream: bool,
-    timeout: httpx.Timeout,
-) -> httpx.Response:
-    headers = [
-        *backend.header_list,
-        (b"accept", b"text/event-stream" if stream else b"application/json"),
-        (b"x-request-id", request_id.encode()),
-    ]
-    request = httpx.Request(
-        "POST", backend.url(path), content=body, headers=headers, extensions={"timeout": timeout.as_dict()}
-    )
-    for hook in client.event_hooks["request"]:
-        await hook(request)
-    response = await client._transport.handle_async_request(request)
-    response.request = request
     return response
