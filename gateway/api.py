@@ -21,7 +21,7 @@ from gateway.history import Turn, new_conversation, scope_of
 from gateway.limits import Admission
 from gateway.relay import Resume, StreamRelay, forward
 from gateway.reply import Reply
-from gateway.request import decode_body, parse_chat, parse_routed, read_body, request_id
+from gateway.request import decode_body, header, parse_chat, parse_routed, read_body, request_id
 from gateway.routing import Route, listed_models, resolve
 from gateway.stores.base import Scope
 from gateway.wire import REMOVE, LegacyChat, ModelCard, ModelList, encode
@@ -100,7 +100,7 @@ async def _chat(request: Request, state: State, body: bytes) -> Response[bytes] 
     if stream and (
         turn.conversation is not None
         or chat.background
-        or request.headers.get("x-resumable", "").lower() == "true"
+        or (header(request.scope, b"x-resumable") or "").lower() == "true"
         or state.settings.resumable.always
     ):
 

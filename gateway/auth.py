@@ -21,6 +21,7 @@ from litestar.handlers import BaseRouteHandler
 from gateway.errors import AuthenticationFailed, GatewayError, ServiceUnavailable
 from gateway.keys import KeyRecord, KeyStore, hash_key, static_keys
 from gateway.limits import Limits
+from gateway.request import header
 from gateway.settings import Settings
 from gateway.stores.base import StoreUnavailable
 
@@ -114,12 +115,12 @@ class Authenticator:
 
 
 def presented_key(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:
-    headers = connection.headers
-    authorization = headers.get("authorization")
+    scope = connection.scope
+    authorization = header(scope, b"authorization")
     if authorization:
         scheme, _, value = authorization.partition(" ")
         return value.strip() if scheme.lower() == "bearer" else authorization.strip()
-    return headers.get("api-key") or headers.get("x-api-key")
+    return header(scope, b"api-key") or header(scope, b"x-api-key")
 
 
 async def authenticate_request(connection: ASGIConnection[Any, Any, Any, Any]) -> None:

@@ -23,9 +23,7 @@ Each one renders as OpenAI's ``{"error": {"message", "type", "param", "code"}}``
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator
 from typing import ClassVar
 
 import httpx
@@ -206,22 +204,32 @@ def error_body(detail: ErrorDetail) -> bytes:
     return encode(ErrorBody(error=detail))
 
 
-@contextlib.contextmanager
-def upstream_errors(backend: str) -> Iterator[None]:
+class upstream_errors:
     """Translate httpx's exceptions, raised while talking to ``backend``, into gateway errors.
 
     A connect timeout is reported as unreachable rather than as a 504: the request never reached the
-    model, as when the connection is refused.
+    model, as when the connection is refused. A class rather than a ``@contextmanager``: it wraps
+    every upstream call, and a generator-based one costs several times as much to enter and leave.
     """
-    try:
-        yield
-    except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.RemoteProtocolError) as exc:
-        raise UpstreamUnavailable(f"Backend `{backend}` is unreachable: {_describe(exc)}") from exc
-    except httpx.TimeoutException as exc:
-        raise UpstreamTimeout(f"Backend `{backend}` timed out: {_describe(exc)}") from exc
-    except (httpx.ReadError, httpx.WriteError, httpx.NetworkError) as exc:
-        raise UpstreamUnavailable(f"Backend `{backend}` dropped the connection: {_describe(exc)}") from exc
-    except httpx.HTTPError as exc:
+
+    __slots__ = ("_backend",)
+
+    def __init__(self, backend: str) -> None:
+        self._backend = backend
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, _: object) -> None:
+        if exc is None or not isinstance(exc, httpx.HTTPError):
+            return
+        backend = self._backend
+        if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.RemoteProtocolError)):
+            raise UpstreamUnavailable(f"Backend `{backend}` is unreachable: {_describe(exc)}") from exc
+        if isinstance(exc, httpx.TimeoutException):
+            raise UpstreamTimeout(f"Backend `{backend}` timed out: {_describe(exc)}") from exc
+        if isinstance(exc, (httpx.ReadError, httpx.WriteError, httpx.NetworkError)):
+            raise UpstreamUnavailable(f"Backend `{backend}` dropped the connection: {_describe(exc)}") from exc
         raise UpstreamProtocolError(f"Backend `{backend}` failed: {_describe(exc)}") from exc
 
 

@@ -30,6 +30,7 @@ from litestar import Request
 from gateway import conversations
 from gateway.errors import NotFound, ServiceUnavailable
 from gateway.reply import Reply
+from gateway.request import header
 from gateway.settings import HistorySettings
 from gateway.stores.base import CompletionRecord, ConversationRecord, Exchange, HistoryStore, Scope, StoreUnavailable
 from gateway.wire import REMOVE, ChatRequest
@@ -50,8 +51,9 @@ _BATCH = 64
 def scope_of(request: Request, user: str | None = None) -> Scope:
     """Who is asking: the tenant (set by authentication; one tenant in open mode) and the end user
     the request names, in its body (``user`` / ``safety_identifier``, passed here) or ``X-User-Id``."""
-    tenant = request.scope.get("state", {}).get("tenant") or DEFAULT_TENANT
-    return Scope(tenant, user or request.headers.get("x-user-id") or None)
+    scope = request.scope
+    tenant = scope.get("state", {}).get("tenant") or DEFAULT_TENANT
+    return Scope(tenant, user or header(scope, b"x-user-id") or None)
 
 
 def conversation_id(value: Any) -> str | None:

@@ -15,6 +15,7 @@ never passed off as a complete one with a fake ``[DONE]``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import time
@@ -25,7 +26,6 @@ import anyio
 import httpx
 import msgspec
 from litestar import MediaType, Response
-from litestar.background_tasks import BackgroundTask
 from litestar.response import Stream
 
 from gateway.backends import Backend
@@ -246,7 +246,8 @@ async def _unary(
     except msgspec.DecodeError:
         log.debug("backend %s sent a reply the gateway could not read", backend.name)
     if on_end is not None:
-        background = BackgroundTask(on_end, reply)
+        # A partial rather than Litestar's BackgroundTask, which inspects the callable on every call.
+        background = functools.partial(on_end, reply)
     return WholeReply(
         content,
         response.status_code,
@@ -270,7 +271,7 @@ class WholeReply(Response[bytes]):
         status_code: int,
         media_type: str,
         headers: dict[str, str] | None,
-        background: BackgroundTask | None,
+        background: Callable[[], Awaitable[None]] | None,
     ) -> None:
         # Response's own attributes, set directly: its __init__ builds cookie and encoder tables.
         self.content = content
