@@ -121,6 +121,12 @@ class Metrics:
             ["component"],
             registry=r,
         )
+        # In one process, counted as plain integers and written into their gauges by sample(): a
+        # gauge's inc() and dec() take a lock each, four times a request. With several workers each
+        # worker's gauge is a file the others' scrapes read, kept live so that the sum is exact.
+        self.requests_in_flight = 0
+        self.streams_open = 0
+        self._live = multiprocess_dir is not None
         self._counted: dict[tuple[int, tuple[str, ...]], float] = {}
         self._label_values: dict[str, set[str]] = {"model": set(), "key": set()}
         # Children by label values: prometheus-client's labels() costs microseconds a call.
@@ -157,6 +163,26 @@ class Metrics:
         if reply.retries:
             self._child(self.retries, model).inc(reply.retries)
 
+    def request_started(self) -> None:
+        self.requests_in_flight += 1
+        if self._live:
+            self.in_flight.inc()
+
+    def request_ended(self) -> None:
+        self.requests_in_flight -= 1
+        if self._live:
+            self.in_flight.dec()
+
+    def stream_opened(self) -> None:
+        self.streams_open += 1
+        if self._live:
+            self.open_streams.inc()
+
+    def stream_closed(self) -> None:
+        self.streams_open -= 1
+        if self._live:
+            self.open_streams.dec()
+
     def rate_limited(self, key: str) -> None:
         self._child(self.ratelimit_rejections, self._bounded("key", key)).inc()
 
@@ -179,6 +205,9 @@ class Metrics:
 
     def sample(self, state: State) -> None:
         """Write what ``app.state`` says now into the state metrics."""
+        if not self._live:
+            self.in_flight.set(self.requests_in_flight)
+            self.open_streams.set(self.streams_open)
         for backend in state.backends:
             healthy = backend.up and getattr(backend, "state", "up") != "ejected"
             self.backend_healthy.labels(backend.name).set(1 if healthy else 0)

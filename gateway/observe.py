@@ -23,7 +23,7 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.metrics import Metrics
 from gateway.reply import Reply
-from gateway.request import request_id
+from gateway.request import header, request_id
 from gateway.tracing import Tracing
 
 __all__ = ["Observer"]
@@ -53,7 +53,7 @@ class Observer:
             return
         started = time.perf_counter()
         metrics = self._metrics
-        metrics.in_flight.inc()
+        metrics.request_started()
         span = self._tracing.start_request(scope) if self._tracing.tracer is not None else None
         status = 0
         finished = 0.0
@@ -67,12 +67,12 @@ class Observer:
                 status = message["status"]
                 if status == 200 and scope["state"].get("stream"):
                     streaming = True
-                    metrics.open_streams.inc()
+                    metrics.stream_opened()
             elif message["type"] == "http.response.body" and not message.get("more_body", False):
                 finished = time.perf_counter()
                 if streaming:
                     streaming = False
-                    metrics.open_streams.dec()
+                    metrics.stream_closed()
             await send(message)
 
         body: list[bytes] | None = None
@@ -84,9 +84,9 @@ class Observer:
             status = status or 500
             raise
         finally:
-            metrics.in_flight.dec()
+            metrics.request_ended()
             if streaming:
-                metrics.open_streams.dec()
+                metrics.stream_closed()
             duration = (finished or time.perf_counter()) - started
             self._report(scope, status or _CLIENT_GONE, duration, span, body)
 
@@ -104,14 +104,16 @@ class Observer:
         model = state.get("model", "")
         backend = (reply.backend if reply is not None else None) or state.get("backend", "")
         usage = reply.usage if reply is not None else None
-        fields: dict[str, Any] = {}
         try:
             self._metrics.request_done(route, status, duration, model=model, backend=backend, key=key, reply=reply)
-            fields = {
+            level = logging.DEBUG if route in _QUIET_ROUTES and status < 400 else logging.INFO
+            if not access.isEnabledFor(level):
+                return
+            fields: dict[str, Any] = {
                 "request_id": request_id(scope),
                 "key": key or None,
                 "tenant": state.get("tenant"),
-                "user": state.get("user") or _header(scope, b"x-user-id"),
+                "user": state.get("user") or header(scope, b"x-user-id"),
                 "model": model or None,
                 "backend": backend or None,
                 "status": status,
@@ -126,33 +128,24 @@ class Observer:
             if body is not None:
                 fields["request_body"] = b"".join(body)[:_BODY_LOG_LIMIT].decode("utf-8", "replace")
                 fields["reply"] = reply.message() if reply is not None else None
-            level = logging.DEBUG if route in _QUIET_ROUTES and status < 400 else logging.INFO
-            if access.isEnabledFor(level):
-                access.log(level, "%s %s %d", scope["method"], scope["path"], status, extra={"fields": fields})
+            access.log(level, "%s %s %d", scope["method"], scope["path"], status, extra={"fields": fields})
         except Exception:
             log.exception("could not report request %s", request_id(scope))
         finally:
             if span is not None:
                 attributes = {
-                    "gateway.request_id": fields.get("request_id"),
+                    "gateway.request_id": request_id(scope),
                     "gateway.key": key,
                     "gen_ai.request.model": model,
                     "gateway.backend": backend,
-                    "gen_ai.usage.input_tokens": fields.get("prompt_tokens"),
-                    "gen_ai.usage.output_tokens": fields.get("completion_tokens"),
+                    "gen_ai.usage.input_tokens": usage.prompt_tokens if usage is not None else None,
+                    "gen_ai.usage.output_tokens": usage.completion_tokens if usage is not None else None,
                 }
                 self._tracing.end_request(span, route=route, status=status, attributes=attributes)
 
 
 def _ms(seconds: float) -> float:
     return round(seconds * 1000, 1)
-
-
-def _header(scope: Scope, name: bytes) -> str | None:
-    for header, value in scope["headers"]:
-        if header == name:
-            return value.decode("latin-1")
-    return None
 
 
 def _recorded(receive: Receive, into: list[bytes]) -> Receive:
