@@ -462,6 +462,8 @@ class Transport(httpx.AsyncBaseTransport):
                 # The body is whole and needs no decoding: httpx's read would pass it through its
                 # decoder chain, a tenth of the call, to the same bytes.
                 response._content = content
+                # ... and the connection is back in the pool: aread() and aclose() have nothing to do.
+                response.is_stream_consumed = response.is_closed = True
         else:
             response = httpx.Response(
                 connection.status,

@@ -14,7 +14,7 @@ from pytest_httpx import HTTPXMock
 
 from gateway.backends import Backend
 from gateway.errors import UpstreamProtocolError, UpstreamStatus, UpstreamTimeout, UpstreamUnavailable
-from gateway.relay import forward
+from gateway.relay import _Deadline, forward
 from gateway.reply import Reply
 from gateway.routing import Route, Target
 from gateway.settings import BackendSettings, GuardSettings, RetrySettings, Settings, TimeoutSettings
@@ -474,3 +474,50 @@ async def test_without_the_message_wanted_only_what_the_gateway_needs_is_read(
     reply.keep_message = False
     assert (await relay(backend, reply=reply))[-1] == inband
     assert reply.error == "upstream_error"
+
+
+async def test_deadline_turns_its_own_cancellation_into_timeout() -> None:
+    with pytest.raises(TimeoutError):
+        with _Deadline(0.01):
+            await asyncio.sleep(5)
+    assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
+    await asyncio.sleep(0)  # no cancellation left pending on the task
+
+
+async def test_deadline_met_leaves_the_task_alone() -> None:
+    with _Deadline(0.05):
+        await asyncio.sleep(0.001)
+    await asyncio.sleep(0.1)  # past the deadline: its timer was cancelled with the block
+    assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
+
+
+async def test_deadline_passes_a_cancellation_from_outside_on() -> None:
+    entered = asyncio.Event()
+
+    async def waiting() -> None:
+        with _Deadline(5):
+            entered.set()
+            await asyncio.sleep(5)
+
+    task = asyncio.create_task(waiting())
+    await entered.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_deadline_and_outside_cancellation_together_stay_a_cancellation() -> None:
+    deadlines: list[_Deadline] = []
+
+    async def waiting() -> None:
+        deadline = _Deadline(5)
+        deadlines.append(deadline)
+        with deadline:
+            await asyncio.sleep(5)
+
+    task = asyncio.create_task(waiting())
+    await asyncio.sleep(0)
+    deadlines[0]._expire()  # time is up ...
+    task.cancel()  # ... and the task's owner cancels it, before it runs again
+    with pytest.raises(asyncio.CancelledError):
+        await task
