@@ -11,12 +11,12 @@ from litestar.datastructures import State
 from litestar.exceptions import MethodNotAllowedException
 from litestar.handlers import ASGIRouteHandler
 from litestar.response import Stream
-from litestar.types import Receive, Send
+from litestar.types import ASGIApp, Receive, Send
 from litestar.types import Scope as LitestarScope
 
 from gateway import history_api
 from gateway.auth import Principal, authenticate_request
-from gateway.errors import GatewayError, ModelNotFound, RateLimited
+from gateway.errors import GatewayError, ModelNotFound, RateLimited, error_response
 from gateway.history import Turn, new_conversation, scope_of
 from gateway.limits import Admission
 from gateway.relay import Resume, StreamRelay, forward
@@ -26,7 +26,7 @@ from gateway.routing import Route, listed_models, resolve
 from gateway.stores.base import Scope
 from gateway.wire import REMOVE, LegacyChat, ModelCard, ModelList, encode
 
-__all__ = ["handlers", "legacy_chat"]
+__all__ = ["Dispatch", "handlers", "legacy_chat"]
 
 
 def principal_of(request: Request) -> Principal:
@@ -52,13 +52,18 @@ Answer = Callable[[Request, State, bytes], Awaitable[Response[bytes] | Stream]]
 Listing = Callable[[Request, State], Awaitable[Response[bytes]]]
 
 
+_ENDPOINTS: dict[str, ASGIApp] = {}
+"""The hot routes' ASGI callables by path (below ``/v1``), for :class:`Dispatch`."""
+
+
 def _endpoint(path: str, answer: Answer, listing: Listing | None = None) -> ASGIRouteHandler:
-    """A hot route as a Litestar ASGI route: Litestar routes to it and renders what it raises, but
-    leaves its request and response alone. Against a route handler taking only the request and
-    returning a :class:`~gateway.relay.WholeReply`, this measured 273 -> 250 us of CPU a request
-    in-process (README, Performance). What Litestar does for a route handler is done here: the method
-    check, the router's authentication hook, the body limit (CORS preflights never get here).
-    ``listing`` answers GET, for the path it shares with the stored completions' listing."""
+    """A hot route as an ASGI callable, mounted as a Litestar ASGI route and reached straight from
+    :class:`Dispatch`. What Litestar does for a route handler is done here: the method check, the
+    router's authentication hook, the body limit, rendering errors (CORS preflights never get here).
+    Against a route handler taking only the request and returning a
+    :class:`~gateway.relay.WholeReply`, this measured 273 -> 250 us of CPU a request in-process
+    (README, Performance). ``listing`` answers GET, for the path it shares with the stored
+    completions' listing."""
     allow = "GET, OPTIONS, POST" if listing is not None else "OPTIONS, POST"
 
     async def endpoint(scope: LitestarScope, receive: Receive, send: Send) -> None:
@@ -67,21 +72,50 @@ def _endpoint(path: str, answer: Answer, listing: Listing | None = None) -> ASGI
             await send({"type": "http.response.start", "status": 204, "headers": [(b"allow", allow.encode())]})
             await send({"type": "http.response.body", "body": b""})
             return
-        if method != "POST" and not (method == "GET" and listing is not None):
-            raise MethodNotAllowedException(headers={"allow": allow})
         request: Request = Request(scope, receive, send)
-        await authenticate_request(request)
-        state = request.app.state
-        if method == "GET":
-            response: Response[bytes] | Stream = await listing(request, state)  # type: ignore[misc]
-        else:
-            body = await read_body(scope, receive, state.settings.server.max_body_size)
-            response = await answer(request, state, body)
+        response: Response[bytes] | Stream
+        try:
+            if method != "POST" and not (method == "GET" and listing is not None):
+                raise MethodNotAllowedException(headers={"allow": allow})
+            await authenticate_request(request)
+            state = request.app.state
+            if method == "GET":
+                response = await listing(request, state)  # type: ignore[misc]
+            else:
+                body = await read_body(scope, receive, state.settings.server.max_body_size)
+                response = await answer(request, state, body)
+        except Exception as exc:
+            # Rendered here, as Litestar's exception handler would: Dispatch calls this past Litestar.
+            response = error_response(request, exc)
         await response.to_asgi_response(None, request)(scope, receive, send)
 
     endpoint.__name__ = endpoint.__qualname__ = f"endpoint_{path.strip('/').replace('/', '_')}"
+    _ENDPOINTS[path] = endpoint
     # copy_scope=False: what the handler notes in the scope's state is read by gateway/observe.py.
     return asgi(path, copy_scope=False)(endpoint)
+
+
+class Dispatch:
+    """In front of Litestar's router: a request for one of the hot routes' exact paths goes straight
+    to its ASGI callable, anything else (other paths, a trailing slash, a ``root_path`` prefix) to
+    Litestar, which routes it there too. Litestar's routing and exception middleware around an ASGI
+    route cost about 8% of a relayed request's instructions (README, Performance). Not used with
+    CORS, whose middleware Litestar keeps in that path."""
+
+    __slots__ = ("_endpoints", "_router")
+
+    def __init__(self, router: ASGIApp, prefix: str) -> None:
+        self._router = router
+        self._endpoints = {prefix + path: endpoint for path, endpoint in _ENDPOINTS.items()}
+
+    async def __call__(self, scope: LitestarScope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            endpoint = self._endpoints.get(scope["path"])
+            if endpoint is not None:
+                scope["path_template"] = scope["path"]  # as Litestar notes it, for gateway/observe.py
+                await endpoint(scope, receive, send)
+                return
+        await self._router(scope, receive, send)
 
 
 async def _chat(request: Request, state: State, body: bytes) -> Response[bytes] | Stream:

@@ -41,6 +41,7 @@ __all__ = ["create_app", "default_http_client"]
 log = logging.getLogger("gateway")
 
 _HISTORY_DRAIN_SECONDS = 5.0
+_API = "/v1"
 
 
 def default_http_client() -> httpx.AsyncClient:
@@ -169,7 +170,7 @@ def create_app(
     app = Litestar(
         route_handlers=[
             Router(
-                path="/v1",
+                path=_API,
                 route_handlers=[*api.handlers, *history_api.handlers, *resumable.handlers, websocket.chat_socket],
                 before_request=authenticate_request,
             ),
@@ -201,6 +202,8 @@ def create_app(
             }
         ),
     )
+    if not cors:
+        app.asgi_handler = api.Dispatch(app.asgi_handler, _API)
     # Around Litestar's whole handler, routing included, so 404s are counted and logged too.
     app.asgi_handler = observer = Observer(app.asgi_handler, metrics, tracing, log_bodies=settings.logging.log_bodies)
     app.state.observer = observer  # the WebSocket route reports each of its requests through it

@@ -52,6 +52,7 @@ __all__ = [
     "UpstreamTimeout",
     "UpstreamUnavailable",
     "error_body",
+    "error_response",
     "exception_handlers",
     "upstream_errors",
 ]
@@ -281,9 +282,10 @@ def render(exc: Exception, request_id: str | None) -> Response[bytes]:
     return Response(content=error_body(detail), status_code=status, media_type=MediaType.JSON, headers=headers)
 
 
-def _handle(request: Request, exc: Exception) -> Response[bytes]:
+def error_response(request: Request, exc: Exception) -> Response[bytes]:
+    """The app's exception handler, for every exception."""
     request_id = request.scope.get("state", {}).get("request_id") or request.headers.get("x-request-id")
     return render(exc, request_id)
 
 
-exception_handlers = {Exception: _handle}
+exception_handlers = {Exception: error_response}

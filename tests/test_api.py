@@ -13,6 +13,7 @@ from litestar.routes import ASGIRoute, HTTPRoute
 from litestar.testing import AsyncTestClient
 from pytest_httpx import HTTPXMock
 
+from gateway.api import Dispatch
 from gateway.app import create_app
 from gateway.errors import ClientGone, PayloadTooLarge, render
 from gateway.request import read_body
@@ -266,6 +267,44 @@ async def test_the_hot_routes_answer_other_methods_as_a_route_handler_would(clie
     assert options.status_code == 204 and options.headers["allow"] == "OPTIONS, POST"
     listing = await client.get("/v1/chat/completions")
     assert listing.status_code == 200 and listing.json()["object"] == "list"
+
+
+async def test_the_hot_paths_skip_litestars_router_and_only_they_do() -> None:
+    routed: list[str] = []
+
+    async def router(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        routed.append(scope["path"])
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    dispatch = Dispatch(router, "/v1")  # type: ignore[arg-type]
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses"):
+        scope = {"type": "http", "method": "OPTIONS", "path": path, "headers": [], "state": {}}
+        await dispatch(scope, None, send)  # type: ignore[arg-type]
+        assert sent[-2]["status"] == 204 and scope["path_template"] == path
+    for path in ("/v1/chat/completions/", "/v1/models", "/chat/completions", "/v1/chat/completions/x"):
+        await dispatch({"type": "http", "method": "POST", "path": path, "headers": []}, None, send)  # type: ignore[arg-type]
+    await dispatch({"type": "websocket", "path": "/v1/chat/completions"}, None, send)  # type: ignore[arg-type]
+    assert routed == ["/v1/chat/completions/", "/v1/models", "/chat/completions", "/v1/chat/completions/x"] + [
+        "/v1/chat/completions"
+    ]
+
+
+async def test_a_hot_route_answers_alike_past_litestar_and_through_it(client: AsyncTestClient) -> None:
+    # The exact path goes straight to the route; with a trailing slash Litestar routes it there.
+    for path in ("/v1/chat/completions", "/v1/chat/completions/"):
+        ok = await client.post(path, json=chat())
+        assert ok.status_code == 200 and ok.json()["object"] == "chat.completion", path
+        bad = await client.post(path, content=b"{not json", headers={"content-type": "application/json"})
+        assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error", path
+        assert bad.headers["x-request-id"]
+        unknown = await client.post(path, json=chat(model="nowhere-model"))
+        assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found", path
+        refused = await client.delete(path)
+        assert refused.status_code == 405 and refused.headers["allow"] == "GET, OPTIONS, POST", path
 
 
 async def test_every_api_route_refuses_a_request_without_a_key() -> None:
