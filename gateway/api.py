@@ -44,7 +44,7 @@ def _note(request: Request, route: Route, *, stream: bool, user: str | None = No
     """What the request is about, kept in its scope for its access line, metrics and span
     (gateway/observe.py); ``_forward`` adds the reply."""
     noted: dict[str, Any] = request.scope["state"]
-    noted.update(model=route.model, backend=route.backends[0].name, stream=stream, user=user)
+    noted.update(model=route.model, backend=route.targets[0].backend.name, stream=stream, user=user)
     return noted
 
 
@@ -216,7 +216,7 @@ async def _forward(
     reply.keep_message = (turn is not None and turn.active) or state.settings.logging.log_bodies
     if noted is not None:
         noted["reply"] = reply
-    span = state.tracing.upstream(route.model, path, route.backends[0].name)
+    span = state.tracing.upstream(route.model, path, route.targets[0].backend.name)
 
     async def finish(reply: Reply) -> None:
         """After the reply: charge its real tokens, count its usage, record it."""

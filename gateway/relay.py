@@ -278,13 +278,15 @@ async def _unary(
     if on_end is not None:
         # A partial rather than Litestar's BackgroundTask, which inspects the callable on every call.
         background = functools.partial(on_end, reply)
-    return WholeReply(
-        content,
-        response.status_code,
-        response.headers.get("content-type", MediaType.JSON),
-        headers,
-        background,
-    )
+    return WholeReply(content, response.status_code, _content_type(response), headers, background)
+
+
+def _content_type(response: httpx.Response) -> str:
+    # From the raw list: httpx's headers.get() first works out the encoding of every header.
+    for name, value in response.headers.raw:
+        if name.lower() == b"content-type":
+            return value.decode("latin-1")
+    return MediaType.JSON
 
 
 class WholeReply(Response[bytes]):

@@ -64,9 +64,10 @@ def resolve(
             )
         raise ModelNotFound(model)
     available = [b for b in candidates if b.available(now)]
-    # Fewest requests in flight per unit of weight. The random part breaks ties (and spreads
-    # sequential traffic) in proportion to weight; it never outweighs one request in flight.
-    available.sort(key=lambda b: (b.in_flight + random.random()) / b.weight)
+    if len(available) > 1:
+        # Fewest requests in flight per unit of weight. The random part breaks ties (and spreads
+        # sequential traffic) in proportion to weight; it never outweighs one request in flight.
+        available.sort(key=lambda b: (b.in_flight + random.random()) / b.weight)
     targets = [Target(b, served) for b in available]
     for name in fallback_names:
         by_name = next((b for b in backends if b.name == name), None)
