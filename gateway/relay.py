@@ -25,8 +25,7 @@ from typing import Any
 import anyio
 import httpx
 import msgspec
-from litestar import MediaType, Response
-from litestar.response import Stream
+from litestar import MediaType
 
 from gateway.backends import Backend
 from gateway.errors import (
@@ -41,17 +40,17 @@ from gateway.errors import (
 )
 from gateway.guard import RepetitionGuard
 from gateway.reply import Reply
+from gateway.responses import STREAM_HEADERS, EventStream, WholeReply
 from gateway.routing import Route, Target
 from gateway.settings import Settings
 from gateway.sse import DONE, EventSplitter, event_data, format_event
 from gateway.upstream import open_response
 from gateway.wire import ErrorDetail, decode_chunk, decode_completion, rewrite_fields
 
-__all__ = ["STREAM_HEADERS", "StreamRelay", "forward"]
+__all__ = ["StreamRelay", "forward"]
 
 log = logging.getLogger("gateway.relay")
 
-STREAM_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
 # The Responses API ends its streams with one of these events instead of [DONE].
 _RESPONSES_TERMINAL = frozenset({"response.completed", "response.failed", "response.incomplete", "error"})
@@ -85,7 +84,7 @@ async def forward(
     hide_usage: bool = False,
     headers: dict[str, str] | None = None,
     resume: Resume | None = None,
-) -> Response[bytes] | Stream:
+) -> WholeReply | EventStream:
     """Send ``body`` (with ``changes`` to its top-level fields) to the route's targets in turn until one
     answers, and relay that answer.
 
@@ -134,19 +133,12 @@ async def forward(
                 backend.succeeded()
                 if resume is not None:
                     follower = await resume(relay, first)
-                    return Stream(
-                        follower,
-                        media_type="text/event-stream",
-                        headers=STREAM_HEADERS | headers if headers else STREAM_HEADERS,
-                        status_code=200,
-                    )
+                    return EventStream(follower, STREAM_HEADERS | headers if headers else STREAM_HEADERS)
                 # Background work runs after the last byte, and also when the client left before the
                 # body started (then the generator, and its ``finally``, never run).
-                return Stream(
+                return EventStream(
                     relay.events(first),
-                    media_type="text/event-stream",
-                    headers=STREAM_HEADERS | headers if headers else STREAM_HEADERS,
-                    status_code=200,
+                    STREAM_HEADERS | headers if headers else STREAM_HEADERS,
                     background=relay.finish,
                 )
             backend.in_flight += 1
@@ -247,7 +239,7 @@ async def _unary(
     reply: Reply,
     on_end: OnEnd | None,
     headers: dict[str, str] | None,
-) -> Response[bytes]:
+) -> WholeReply:
     timeouts = backend.timeouts
     sent = time.monotonic()
     try:
@@ -287,51 +279,6 @@ def _content_type(response: httpx.Response) -> str:
         if name.lower() == b"content-type":
             return value.decode("latin-1")
     return MediaType.JSON
-
-
-class WholeReply(Response[bytes]):
-    """A non-streamed answer: Litestar's ``Response`` to whoever reads it (``content``, ``background``),
-    sent by an ASGI callable of its own. Litestar's path from a ``Response`` to the wire normalises
-    and re-encodes headers through two classes, a tenth of the CPU of a relayed request; the
-    gateway sets no cookies and no layered headers, so there is nothing for it to merge."""
-
-    __slots__ = ()
-
-    def __init__(
-        self,
-        content: bytes,
-        status_code: int,
-        media_type: str,
-        headers: dict[str, str] | None,
-        background: Callable[[], Awaitable[None]] | None,
-    ) -> None:
-        # Response's own attributes, set directly: its __init__ builds cookie and encoder tables.
-        self.content = content
-        self.status_code = status_code
-        self.media_type = media_type
-        self.headers = headers or {}
-        self.background = background
-        self.cookies = []
-        self.encoding = "utf-8"
-        self.response_type_encoders = {}
-
-    def to_asgi_response(self, app: Any, request: Any, **_: Any) -> Callable[..., Awaitable[None]]:
-        encoded = [
-            (b"content-type", self.media_type.encode()),
-            (b"content-length", b"%d" % len(self.content)),
-            *((name.encode(), value.encode()) for name, value in self.headers.items()),
-        ]
-        start = {"type": "http.response.start", "status": self.status_code, "headers": encoded}
-        body = {"type": "http.response.body", "body": self.content, "more_body": False}
-        background = self.background
-
-        async def send_reply(scope: Any, receive: Any, send: Any) -> None:
-            await send(start)
-            await send(body)
-            if background is not None:
-                await background()
-
-        return send_reply
 
 
 _USAGE = b'"usage":{'

@@ -29,12 +29,12 @@ from typing import Any, Protocol
 
 from litestar import Request, Response, get, post
 from litestar.datastructures import State
-from litestar.response import Stream
 from redis.exceptions import RedisError
 
 from gateway.errors import InvalidRequest, NotFound
 from gateway.history import scope_of
-from gateway.relay import STREAM_HEADERS, StreamRelay
+from gateway.relay import StreamRelay
+from gateway.responses import EventStream
 from gateway.sse import format_event
 from gateway.stores.base import Scope, StoreUnavailable
 from gateway.wire import ErrorDetail, encode
@@ -323,16 +323,11 @@ async def _visible(request: Request, state: State, completion_id: str) -> Scope:
 
 
 @get("/chat/completions/{completion_id:str}/stream")
-async def resume(request: Request, state: State) -> Stream:
+async def resume(request: Request, state: State) -> EventStream:
     completion_id = request.path_params["completion_id"]
     scope = await _visible(request, state, completion_id)
     after = _after(request, completion_id)
-    return Stream(
-        state.generations.follow(scope.tenant, completion_id, after),
-        media_type="text/event-stream",
-        headers=STREAM_HEADERS,
-        status_code=200,
-    )
+    return EventStream(state.generations.follow(scope.tenant, completion_id, after))
 
 
 @post("/chat/completions/{completion_id:str}/cancel", status_code=200)

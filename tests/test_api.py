@@ -285,12 +285,11 @@ async def test_the_hot_paths_skip_litestars_router_and_only_they_do() -> None:
         scope = {"type": "http", "method": "OPTIONS", "path": path, "headers": [], "state": {}}
         await dispatch(scope, None, send)  # type: ignore[arg-type]
         assert sent[-2]["status"] == 204 and scope["path_template"] == path
-    for path in ("/v1/chat/completions/", "/v1/models", "/chat/completions", "/v1/chat/completions/x"):
+    others = ["/v1/chat/completions/", "/v1/models", "/chat/completions", "/v1/chat/completions/x"]
+    for path in others:
         await dispatch({"type": "http", "method": "POST", "path": path, "headers": []}, None, send)  # type: ignore[arg-type]
     await dispatch({"type": "websocket", "path": "/v1/chat/completions"}, None, send)  # type: ignore[arg-type]
-    assert routed == ["/v1/chat/completions/", "/v1/models", "/chat/completions", "/v1/chat/completions/x"] + [
-        "/v1/chat/completions"
-    ]
+    assert routed == [*others, "/v1/chat/completions"]
 
 
 async def test_a_hot_route_answers_alike_past_litestar_and_through_it(client: AsyncTestClient) -> None:
