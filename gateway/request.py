@@ -40,7 +40,7 @@ def request_id(scope: Scope | Request) -> str:
                 rid = value.decode()
                 break
         else:
-            # 128 random bits, as a uuid4's hex, for an eighth of its cost: an id needs to be unique,
+            # 128 random bits, as a uuid4's hex, for a fifth of its cost: an id needs to be unique,
             # not unguessable (the random module reseeds in each forked worker).
             rid = f"{random.getrandbits(128):032x}"
         state["request_id"] = rid
