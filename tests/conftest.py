@@ -270,9 +270,12 @@ class Upstream(_Process):
         response.raise_for_status()
         return response.json()
 
-    def requests(self) -> list[dict[str, Any]]:
-        """Every request received, oldest first: method, path, headers, body_b64, body."""
-        return self._control("GET", "requests")
+    def requests(self, path: str | None = None) -> list[dict[str, Any]]:
+        """Every request received, oldest first: method, path, headers, body_b64, body. With ``path``,
+        those to that path only: a gateway's health checks and model discovery reach the fake too,
+        whenever their interval comes round."""
+        received = self._control("GET", "requests")
+        return received if path is None else [r for r in received if r["path"] == path]
 
     def events(self) -> list[dict[str, Any]]:
         """Response events, oldest first: type (started/completed/disconnect), request_id, path."""

@@ -84,7 +84,7 @@ def test_non_stream(client: openai.OpenAI, upstream: Upstream) -> None:
     assert completion.choices[0].message.content == "tok0 tok1 tok2"
     assert completion.choices[0].finish_reason == "length"
     assert completion.usage is not None and completion.usage.completion_tokens == 3
-    (request,) = upstream.requests()
+    (request,) = upstream.requests("/v1/chat/completions")
     assert request["path"] == "/v1/chat/completions" and request["headers"]["x-request-id"]
 
 
@@ -126,7 +126,7 @@ def test_unknown_fields_reach_upstream_byte_for_byte(gateway: Gateway, upstream:
     with httpx.stream("POST", f"{gateway.base_url}/chat/completions", content=body, timeout=10) as response:
         assert response.status_code == 200
         response.read()
-    (request,) = upstream.requests()
+    (request,) = upstream.requests("/v1/chat/completions")
     assert base64.b64decode(request["body_b64"]) == body
 
 
@@ -134,13 +134,13 @@ def test_sdk_extra_body_passes_through(client: openai.OpenAI, upstream: Upstream
     client.chat.completions.create(
         model="fake-model", messages=MESSAGES, extra_body={"top_k": 5, "guided_choice": ["a", "b"]}
     )
-    (request,) = upstream.requests()
+    (request,) = upstream.requests("/v1/chat/completions")
     assert request["body"]["top_k"] == 5 and request["body"]["guided_choice"] == ["a", "b"]
 
 
 def test_alias_reaches_upstream_as_served_name(client: openai.OpenAI, upstream: Upstream) -> None:
     completion = client.chat.completions.create(model="fast", messages=MESSAGES, extra_body={"top_k": 3})
-    (request,) = upstream.requests()
+    (request,) = upstream.requests("/v1/chat/completions")
     assert request["body"]["model"] == "fake-model" and request["body"]["top_k"] == 3
     assert completion.model == "fake-model"
 
@@ -153,7 +153,7 @@ def test_request_id_round_trip(gateway: Gateway, upstream: Upstream) -> None:
         timeout=10,
     )
     assert response.headers["x-request-id"] == "req-42"
-    assert upstream.requests()[0]["headers"]["x-request-id"] == "req-42"
+    assert upstream.requests("/v1/chat/completions")[0]["headers"]["x-request-id"] == "req-42"
 
 
 def test_other_endpoints(client: openai.OpenAI, upstream: Upstream) -> None:
@@ -161,7 +161,11 @@ def test_other_endpoints(client: openai.OpenAI, upstream: Upstream) -> None:
     assert len(client.embeddings.create(model="fake-model", input="x").data[0].embedding) == 8
     response = client.responses.create(model="fast", input="hello")
     assert response.output_text
-    assert [r["path"] for r in upstream.requests()] == ["/v1/completions", "/v1/embeddings", "/v1/responses"]
+    assert [r["path"] for r in upstream.requests() if r["method"] == "POST"] == [
+        "/v1/completions",
+        "/v1/embeddings",
+        "/v1/responses",
+    ]
 
 
 # --- errors, each as the SDK's exception class --------------------------------------------------

@@ -179,7 +179,7 @@ def test_conversation_round_trip_sends_only_the_new_turn(gateway: Gateway, upstr
     eventually(lambda: len(list(client.conversations.items.list(conversation.id))) == 3)
     upstream.clear()
     ask(client, "second question", max_tokens=3, extra_body={"conversation": conversation.id})
-    (request,) = upstream.requests()
+    (request,) = upstream.requests("/v1/chat/completions")
     assert "conversation" not in request["body"]
     assert request["body"]["messages"] == [
         {"role": "system", "content": "You are terse."},
@@ -285,7 +285,7 @@ def test_legacy_chat_route_keeps_a_default_conversation(gateway: Gateway, upstre
     )
     upstream.clear()
     chat("again")
-    assert [m["content"] for m in upstream.requests()[0]["body"]["messages"]] == [
+    assert [m["content"] for m in upstream.requests("/v1/chat/completions")[0]["body"]["messages"]] == [
         "hello",
         "tok0 tok1 tok2 tok3 tok4",
         "again",

@@ -195,7 +195,7 @@ def test_streamed_tokens_charged_without_showing_the_usage_chunk(gateway: Gatewa
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == " ".join(
         f"tok{i}" for i in range(7)
     )
-    (request,) = upstream_server.requests()
+    (request,) = upstream_server.requests("/v1/chat/completions")
     assert request["body"]["stream_options"] == {"include_usage": True}
     # The usage the upstream reported (10 prompt + 7 completion) is what the key was charged.
     rows = []

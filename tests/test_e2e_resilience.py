@@ -44,7 +44,7 @@ models = ["fake-model"]
 
 
 def served_by(upstream: Upstream) -> int:
-    return sum(1 for r in upstream.requests() if r["path"] == "/v1/chat/completions")
+    return len(upstream.requests("/v1/chat/completions"))
 
 
 async def test_two_replicas_share_the_load(start_upstream: UpstreamFactory, start_gateway: GatewayFactory) -> None:
@@ -184,7 +184,7 @@ fallbacks = ["fake-model"]
 """)
     reply = gateway.client().chat.completions.create(model="big-model", messages=MESSAGES, extra_body={"top_k": 2})
     assert reply.choices[0].message.content
-    (request,) = [r for r in upstream.requests() if r["path"] == "/v1/chat/completions"]
+    (request,) = upstream.requests("/v1/chat/completions")
     assert request["body"]["model"] == "fake-model" and request["body"]["top_k"] == 2
 
 

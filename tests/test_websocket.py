@@ -128,7 +128,7 @@ def test_requests_follow_each_other_on_one_socket(ws: WebSocketTestSession, upst
     ws.send_text(json.dumps(chat(stream=True, max_tokens=1)))
     assert text_of(answer(ws)) == "tok0 tok1 tok2 tok3"
     assert text_of(answer(ws)) == "tok0"
-    chats = [request for request in upstream.requests() if request["path"] == "/v1/chat/completions"]
+    chats = upstream.requests("/v1/chat/completions")
     ids = [request["headers"]["x-request-id"] for request in chats]
     assert len(ids) == len(set(ids)) == 4  # one request id per request, not per socket
     assert len({request_id.rsplit("-", 1)[0] for request_id in ids}) == 1
@@ -241,7 +241,7 @@ def test_a_conversation_keeps_its_history(
     first = ask(ws, chat("my name is Ada", stream=True, max_tokens=2, conversation=conversation))
     assert text_of(first) == "tok0 tok1"
     ask(ws, chat("what is my name?", max_tokens=2, conversation=conversation))
-    sent = upstream.requests()[-1]["body"]
+    sent = upstream.requests("/v1/chat/completions")[-1]["body"]
     assert "conversation" not in sent
     assert [(m["role"], m["content"]) for m in sent["messages"]] == [
         ("user", "my name is Ada"),
