@@ -10,7 +10,9 @@ go out together in the next, and the calls of one :class:`BatchedScript` on the 
 single ``EVALSHA``, whose Lua runs the script's body once per call. Each call is still atomic, each
 caller gets its own result or error, and one call's error does not stop the others'. Under
 concurrency this turns two commands per request into a few per batch: redis-py spends more CPU on a
-command (packing it, reading its reply under a timeout) than Redis spends running the script.
+command (packing it, reading its reply under a timeout) than Redis spends running the script. For the
+same reason each call's arguments travel as one string, joined by newlines and split by the Lua:
+redis-py packs a command argument by argument, re-joining its buffer for each.
 """
 
 from __future__ import annotations
@@ -46,16 +48,26 @@ async def _pipelined(redis: Any, calls: Sequence[Call]) -> list[Any]:
         return list(await pipe.execute(raise_on_error=False))
 
 
-# The body runs as a function of ``ARGS`` (one call's arguments) once per call; pcall keeps one
-# call's error (a Lua error, or a failed redis.call) from undoing or stopping the calls after it.
+# The body runs as a function of ``ARGS`` (one call's arguments, split from one ARGV) once per call;
+# pcall keeps one call's error (a Lua error, or a failed redis.call) from undoing or stopping the
+# calls after it.
 _LOOP = """
 local function call(ARGS)
 %s
 end
-local width = tonumber(ARGV[1])
 local out = {}
-for first = 2, #ARGV, width do
-  local ok, result = pcall(call, {unpack(ARGV, first, first + width - 1)})
+for i = 1, #ARGV do
+  local packed, args, start = ARGV[i], {}, 1
+  while true do
+    local stop = string.find(packed, '\\n', start, true)
+    if not stop then
+      args[#args + 1] = string.sub(packed, start)
+      break
+    end
+    args[#args + 1] = string.sub(packed, start, stop - 1)
+    start = stop + 1
+  end
+  local ok, result = pcall(call, args)
   if ok then
     out[#out + 1] = result
   else
@@ -67,8 +79,9 @@ return out
 
 
 class BatchedScript:
-    """A Lua body that reads its arguments from ``ARGS`` (``width`` of them) and returns a value
-    other than nil; :class:`ScriptBatch` runs it for many calls on the same keys in one go."""
+    """A Lua body that reads its arguments from ``ARGS`` (``width`` of them, as strings: numbers, or
+    text without a newline) and returns a value other than nil; :class:`ScriptBatch` runs it for
+    many calls on the same keys in one go."""
 
     def __init__(self, redis: Any, body: str, width: int) -> None:
         self.width = width
@@ -80,15 +93,18 @@ class ScriptBatch:
 
     def __init__(self, redis: Any) -> None:
         self._redis = redis
-        self._pending: list[tuple[BatchedScript, Sequence[str], Sequence[Any], asyncio.Future[Any]]] = []
+        self._pending: list[tuple[BatchedScript, Sequence[str], str, asyncio.Future[Any]]] = []
         self._writer: asyncio.Task[None] | None = None
 
     async def run(self, script: BatchedScript, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """``script`` on ``keys`` and ``args``: its result, or its error."""
         if len(args) != script.width:
             raise ValueError(f"the script takes {script.width} arguments, not {len(args)}")
+        packed = "\n".join(map(str, args))
+        if packed.count("\n") != max(script.width - 1, 0):
+            raise ValueError("a batched script's argument holds a newline")
         done = asyncio.get_running_loop().create_future()
-        self._pending.append((script, keys, args, done))
+        self._pending.append((script, keys, packed, done))
         if self._writer is None:
             self._writer = asyncio.create_task(self._write())
         return await done
@@ -103,10 +119,7 @@ class ScriptBatch:
                 calls: list[Call] = []
                 for members in groups.values():
                     script, keys, _, _ = batch[members[0]]
-                    args: list[Any] = [script.width]
-                    for i in members:
-                        args += batch[i][2]
-                    calls.append((script.script, keys, args))
+                    calls.append((script.script, keys, [batch[i][2] for i in members]))
                 try:
                     results = await run_scripts(self._redis, calls)
                 except Exception as exc:

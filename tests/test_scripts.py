@@ -63,6 +63,21 @@ async def test_a_batch_runs_each_call_once_in_order_and_isolates_failures(redis_
     await client.aclose()
 
 
+async def test_a_batch_passes_each_argument_as_it_was_given(redis_module: RedisServer) -> None:
+    # A call's arguments travel as one newline-joined string, split again by the Lua.
+    redis_module.flush()
+    client = redis.asyncio.Redis.from_url(redis_module.url, decode_responses=True)
+    batch = ScriptBatch(client)
+    echo = BatchedScript(client, "return {ARGS[1], ARGS[2], ARGS[3], tostring(#ARGS)}", 3)
+    given = [["", "x y", "0.1"], ["tab\there", "", 1e-07], ["a:b/c", 1_700_000_000.123456, 42]]
+    results = await asyncio.gather(*(batch.run(echo, ["k"], args) for args in given))
+    assert results == [[str(a) for a in args] + ["3"] for args in given]
+    assert float(results[1][2]) == 1e-07 and float(results[2][1]) == 1_700_000_000.123456
+    with pytest.raises(ValueError, match="newline"):
+        await batch.run(echo, ["k"], ["two\nlines", "", ""])
+    await client.aclose()
+
+
 async def test_a_batch_answers_every_caller_when_redis_is_unreachable() -> None:
     client = redis.asyncio.Redis(port=free_port(), socket_connect_timeout=0.2)
     batch = ScriptBatch(client)
