@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
-from urllib.parse import quote
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -29,7 +28,7 @@ from gateway.stores.base import (
     StoreUnavailable,
 )
 from gateway.stores.memory import MemoryStore
-from gateway.stores.redis import RedisStore, _escape
+from gateway.stores.redis import RedisStore
 from tests.conftest import RedisServer, SharedRedis
 
 TENANT = Scope("t1")
@@ -205,12 +204,6 @@ async def test_scopes_isolate_tenants_and_users(store: HistoryStore) -> None:
     assert await store.update_completion(BOB, "a1", {"k": "v"}) is None
     assert await store.delete_completion(OTHER_TENANT, "a1") is False
     assert await store.get_completion(ALICE, "a1") is not None
-
-
-@given(st.text(max_size=24))
-def test_key_names_are_escaped_exactly_as_quote_escapes_them(name: str) -> None:
-    # _escape skips quote() for names it would leave alone; the keys must not change for the others.
-    assert _escape(name) == quote(name, safe="")
 
 
 async def test_names_with_separators_do_not_collide(store: HistoryStore) -> None:

@@ -32,7 +32,6 @@ before writing rely on owners never changing; the write itself checks the record
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 from urllib.parse import quote
@@ -194,13 +193,8 @@ def _unavailable() -> Iterator[None]:
         raise StoreUnavailable(f"redis: {str(exc) or type(exc).__name__}") from exc
 
 
-# What quote() leaves as it is: most names (tenants, completion ids) are already only that, and
-# quote() takes microseconds to find so, three times a history record.
-_UNQUOTED = re.compile(r"[A-Za-z0-9_.~-]*")
-
-
 def _escape(value: str) -> str:
-    return value if _UNQUOTED.fullmatch(value) else quote(value, safe="")
+    return quote(value, safe="")
 
 
 def _text(value: bytes | str) -> str:
