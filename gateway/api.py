@@ -52,10 +52,6 @@ Answer = Callable[[Request, State, bytes], Awaitable[Response[bytes] | Stream]]
 Listing = Callable[[Request, State], Awaitable[Response[bytes]]]
 
 
-_ENDPOINTS: dict[str, ASGIApp] = {}
-"""The hot routes' ASGI callables by path (below ``/v1``), for :class:`Dispatch`."""
-
-
 def _endpoint(path: str, answer: Answer, listing: Listing | None = None) -> ASGIRouteHandler:
     """A hot route as an ASGI callable, mounted as a Litestar ASGI route and reached straight from
     :class:`Dispatch`. What Litestar does for a route handler is done here: the method check, the
@@ -90,7 +86,6 @@ def _endpoint(path: str, answer: Answer, listing: Listing | None = None) -> ASGI
         await response.to_asgi_response(None, request)(scope, receive, send)
 
     endpoint.__name__ = endpoint.__qualname__ = f"endpoint_{path.strip('/').replace('/', '_')}"
-    _ENDPOINTS[path] = endpoint
     # copy_scope=False: what the handler notes in the scope's state is read by gateway/observe.py.
     return asgi(path, copy_scope=False)(endpoint)
 
@@ -106,7 +101,12 @@ class Dispatch:
 
     def __init__(self, router: ASGIApp, prefix: str) -> None:
         self._router = router
-        self._endpoints = {prefix + path: endpoint for path, endpoint in _ENDPOINTS.items()}
+        self._endpoints = {
+            prefix + path: handler.fn
+            for handler in handlers
+            if isinstance(handler, ASGIRouteHandler)
+            for path in handler.paths
+        }
 
     async def __call__(self, scope: LitestarScope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
