@@ -123,9 +123,7 @@ def _count(base_url: str, requests: int, stream: bool, redis_url: str | None) ->
     command += ["-m", "tests.bench.instructions", "--drive", base_url, "--requests", str(requests)]
     command += ["--stream"] if stream else []
     command += ["--redis", redis_url] if redis_url else []
-    # The gateway's own settings come from the config file alone.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
-    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
     found = _COLLECTED.search(done.stderr)
     if done.returncode != 0 or found is None:
         raise SystemExit(f"the run under valgrind failed ({done.returncode}):\n{done.stderr[-3000:]}")
