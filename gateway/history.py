@@ -32,7 +32,15 @@ from gateway.errors import NotFound, ServiceUnavailable
 from gateway.reply import Reply
 from gateway.request import header
 from gateway.settings import HistorySettings
-from gateway.stores.base import CompletionRecord, ConversationRecord, Exchange, HistoryStore, Scope, StoreUnavailable
+from gateway.stores.base import (
+    CompletionRecord,
+    ConversationRecord,
+    Exchange,
+    ExchangesRefused,
+    HistoryStore,
+    Scope,
+    StoreUnavailable,
+)
 from gateway.wire import REMOVE, ChatRequest
 
 __all__ = ["History", "Turn", "conversation_id", "scope_of"]
@@ -155,6 +163,13 @@ class History:
             batch = list(itertools.islice(self._queue, _BATCH))
             try:
                 await self.store.save_many(batch)
+            except ExchangesRefused as exc:
+                for n, error in exc.refused.items():
+                    log.error(
+                        "history record of request %s refused by the store, dropped: %s", _request_of(batch[n]), error
+                    )
+                self.dropped += len(exc.refused)
+                self.written += len(batch) - len(exc.refused)
             except StoreUnavailable as exc:
                 self.store_errors += 1
                 if self.degraded is None:
@@ -205,6 +220,10 @@ class History:
             self._pending[exchange.conversation] -= 1
             if self._pending[exchange.conversation] <= 0:
                 del self._pending[exchange.conversation]
+
+
+def _request_of(exchange: Exchange) -> str | None:
+    return exchange.completion.request_id if exchange.completion is not None else None
 
 
 class Turn:

@@ -6,7 +6,7 @@ import asyncio
 
 from gateway.history import History
 from gateway.settings import HistorySettings
-from gateway.stores.base import Exchange, StoreUnavailable
+from gateway.stores.base import Exchange, ExchangesRefused, StoreUnavailable
 from gateway.stores.memory import MemoryStore
 
 
@@ -48,6 +48,39 @@ async def test_queued_records_are_written_in_batches_and_a_rejected_one_alone_is
     writer.cancel()
     assert store.batches[0] == 3  # one batch for all three
     assert (history.written, history.dropped, history.queued) == (2, 1, 0)
+
+
+class RefusingStore(MemoryStore):
+    """A memory store that writes every exchange but those tagged "bad", and says which it refused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.saved: list[str] = []
+
+    async def save_many(self, exchanges: list[Exchange]) -> None:
+        refused: dict[int, Exception] = {}
+        for n, exchange in enumerate(exchanges):
+            if exchange.tenant == "bad":
+                refused[n] = ValueError("wrong type")
+            else:
+                self.saved.append(exchange.tenant)
+        if refused:
+            raise ExchangesRefused(refused)
+
+    async def save(self, exchange: Exchange) -> None:
+        raise AssertionError("refused exchanges are not retried one by one")
+
+
+async def test_refused_records_are_dropped_and_the_rest_of_their_batch_not_written_again() -> None:
+    store = RefusingStore()
+    history = History(store, HistorySettings())
+    for tenant in ("a", "bad", "b", "bad"):
+        history.submit(exchange(tenant))
+    writer = asyncio.create_task(history.run())
+    await history.drain(2)
+    writer.cancel()
+    assert store.saved == ["a", "b"]
+    assert (history.written, history.dropped, history.queued, history.degraded) == (2, 2, 0, None)
 
 
 async def test_records_wait_while_the_store_is_down() -> None:

@@ -16,11 +16,13 @@ from hypothesis import strategies as st
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ResponseError
 
 from gateway.stores.base import (
     CompletionRecord,
     ConversationRecord,
     Exchange,
+    ExchangesRefused,
     HistoryStore,
     Item,
     Order,
@@ -470,6 +472,38 @@ async def test_save_many_writes_each_exchange_in_order(store: HistoryStore) -> N
     await store.save_many([exchange for exchange in batch if exchange.completion is not None])
     assert ids(await store.items(ALICE, "conv") or []) == ["u1", "a1", "u2"]
     assert ids((await store.list_completions(Scope("t1")))[0]) == ["c1", "c2"]
+
+
+async def test_saved_values_keep_any_text(store: HistoryStore) -> None:
+    # The Redis store packs a batch's values into one argument by their lengths in bytes.
+    odd = "line\none é \u2603 \r\n 12 0 "
+    await store.create_conversation(conversation(odd), [])
+    item = {"type": "message", "id": odd, "role": "user", "content": [{"type": "input_text", "text": odd}]}
+    batch = [
+        Exchange(completion=completion(odd, user=odd, metadata={"k": odd}), conversation=odd, items=[item]),
+        Exchange(completion=completion("")),
+        Exchange(conversation=odd, tenant="t1", items=[{"type": "message", "id": ""}]),
+    ]
+    await store.save_many(batch)
+    got = await store.get_completion(Scope("t1", odd), odd)
+    assert got is not None and got.metadata == {"k": odd} and got.user == odd
+    assert ids((await store.list_completions(Scope("t1", odd)))[0]) == [odd]
+    assert ids((await store.list_completions(Scope("t1")))[0]) == [odd, ""]
+    assert await store.items(ALICE, odd) == [item, {"type": "message", "id": ""}]
+
+
+async def test_one_exchange_the_store_refuses_does_not_stop_the_others(stores: Stores) -> None:
+    if stores.redis is None:
+        pytest.skip("a Redis key of the wrong type makes the script refuse one exchange")
+    store = stores()
+    await stores.redis.set("gw:{t1}:u:bob:cmpls", "not a sorted set")
+    batch = [Exchange(completion=completion("c1")), Exchange(completion=completion("c2", user="bob"))]
+    batch.append(Exchange(completion=completion("c3")))
+    with pytest.raises(ExchangesRefused) as refused:
+        await store.save_many(batch)
+    assert list(refused.value.refused) == [1]
+    assert isinstance(refused.value.refused[1], ResponseError) and "WRONGTYPE" in str(refused.value.refused[1])
+    assert ids((await store.list_completions(ALICE))[0]) == ["c1", "c3"]
 
 
 async def test_save_drops_items_of_a_deleted_conversation(stores: Stores) -> None:

@@ -79,11 +79,21 @@ class Exchange(msgspec.Struct, kw_only=True):
     completion: CompletionRecord | None = None
     conversation: str | None = None
     tenant: str = ""
+    """The tenant of both; "" for the completion's."""
     items: list[Item] = []
 
 
 class StoreUnavailable(Exception):
     """The store cannot be reached (Redis down). Callers decide: queue a write, or answer 503."""
+
+
+class ExchangesRefused(Exception):
+    """:meth:`HistoryStore.save_many` wrote every exchange but these, which the store refused and
+    would refuse again (a Redis key of the wrong type): their errors, by their index in the batch."""
+
+    def __init__(self, refused: dict[int, Exception]) -> None:
+        super().__init__(f"the store refused {len(refused)} exchange(s): {next(iter(refused.values()))}")
+        self.refused = refused
 
 
 class HistoryStore(Protocol):
@@ -100,7 +110,8 @@ class HistoryStore(Protocol):
 
     async def save_many(self, exchanges: list[Exchange]) -> None:
         """:meth:`save` for several exchanges, in order, in as few round trips as the store can; each
-        exchange is still atomic on its own. A failure may leave some written. An exchange with a
+        exchange is still atomic on its own. Raises :class:`ExchangesRefused` when the store refused
+        some and wrote the rest; any other failure may leave some written. An exchange with a
         completion, saved again, changes nothing (the completion id guards it); one with only items
         would append them twice, as a retried :meth:`save` would."""
 

@@ -46,6 +46,7 @@ from gateway.stores.base import (
     CompletionRecord,
     ConversationRecord,
     Exchange,
+    ExchangesRefused,
     Item,
     Order,
     Scope,
@@ -72,10 +73,10 @@ local ttl = tonumber(ARGV[1])
 local function touch(key)
   if ttl > 0 then redis.call('PEXPIRE', key, ttl) end
 end
-local function push(key, first)
+local function push(key, values, first)
   -- In slices: unpack() of thousands of values overflows Lua's C stack.
-  for i = first, #ARGV, 500 do
-    redis.call('RPUSH', key, unpack(ARGV, i, math.min(i + 499, #ARGV)))
+  for i = first, #values, 500 do
+    redis.call('RPUSH', key, unpack(values, i, math.min(i + 499, #values)))
   end
 end
 """
@@ -83,31 +84,53 @@ end
 _SAVE = (
     _TOUCH
     + """
--- KEYS: completion, completions, user completions   (when ARGV[3] is a record)
---       conversation, items, conversations, user conversations   (when there are items)
--- ARGV: ttl, max_items, completion JSON or '', its member, its score, item JSON...
--- Returns {completion written, items written}.
-local k = 1
-local wrote = 0
-if ARGV[3] ~= '' then
-  if redis.call('EXISTS', KEYS[1]) == 1 then
-    -- A retried write whose first attempt landed, items and all.
-    return {0, 0}
+-- KEYS: every key the batch writes, once each (one tenant's keys, which share a slot).
+-- ARGV: ttl, max_items, then one exchange each: a line of numbers, then its values back to back.
+--   The numbers: the indexes in KEYS of its completion, completions, user completions (0 0 0 without
+--   a completion) and of its conversation, items, conversations, user conversations (0 0 0 0 without
+--   items); the completion's score; the lengths in bytes of its member, of its completion JSON and
+--   of each item JSON. Lengths rather than separators: the values are any text.
+-- Returns one {completion written, items written} per exchange, or its error: pcall keeps one
+-- exchange's error from stopping the exchanges after it.
+local function save(packed)
+  local eol = string.find(packed, '\\n', 1, true)
+  local head = {}
+  for word in string.gmatch(string.sub(packed, 1, eol - 1), '%S+') do head[#head + 1] = tonumber(word) end
+  local values, at = {}, eol + 1
+  for i = 9, #head do
+    values[#values + 1] = string.sub(packed, at, at + head[i] - 1)
+    at = at + head[i]
   end
-  redis.call('SET', KEYS[1], ARGV[3])
-  redis.call('ZADD', KEYS[2], ARGV[5], ARGV[4])
-  redis.call('ZADD', KEYS[3], ARGV[5], ARGV[4])
-  for i = 1, 3 do touch(KEYS[i]) end
-  k = 4
-  wrote = 1
+  local wrote = 0
+  if head[1] > 0 then
+    if redis.call('EXISTS', KEYS[head[1]]) == 1 then
+      -- A retried write whose first attempt landed, items and all.
+      return {0, 0}
+    end
+    redis.call('SET', KEYS[head[1]], values[2])
+    redis.call('ZADD', KEYS[head[2]], head[8], values[1])
+    redis.call('ZADD', KEYS[head[3]], head[8], values[1])
+    for i = 1, 3 do touch(KEYS[head[i]]) end
+    wrote = 1
+  end
+  if head[4] == 0 or redis.call('EXISTS', KEYS[head[4]]) == 0 then
+    return {wrote, 0}
+  end
+  push(KEYS[head[5]], values, 3)
+  redis.call('LTRIM', KEYS[head[5]], -tonumber(ARGV[2]), -1)
+  for i = 4, 7 do touch(KEYS[head[i]]) end
+  return {wrote, 1}
 end
-if #ARGV < 6 or redis.call('EXISTS', KEYS[k]) == 0 then
-  return {wrote, 0}
+local out = {}
+for i = 3, #ARGV do
+  local ok, result = pcall(save, ARGV[i])
+  if ok then
+    out[#out + 1] = result
+  else
+    out[#out + 1] = {err = type(result) == 'table' and result.err or tostring(result)}
+  end
 end
-push(KEYS[k + 1], 6)
-redis.call('LTRIM', KEYS[k + 1], -tonumber(ARGV[2]), -1)
-for i = k, k + 3 do touch(KEYS[i]) end
-return {wrote, 1}
+return out
 """
 )
 
@@ -131,7 +154,7 @@ else
   redis.call('ZADD', KEYS[3], ARGV[6], ARGV[5])
   redis.call('ZADD', KEYS[4], ARGV[6], ARGV[5])
   if #ARGV >= 8 then
-    push(KEYS[2], 8)
+    push(KEYS[2], ARGV, 8)
     redis.call('LTRIM', KEYS[2], -tonumber(ARGV[2]), -1)
   end
   for i = 1, 4 do touch(KEYS[i]) end
@@ -247,6 +270,44 @@ class _Keys:
         ]
 
 
+class _SaveBatch:
+    """One tenant's exchanges as one call of the save script: its keys, each once, and one packed
+    argument an exchange (the layout is in the script's comments)."""
+
+    def __init__(self, keys: _Keys, args: list[Any]) -> None:
+        self._names = keys
+        self._index: dict[str, int] = {}
+        self.keys: list[str] = []
+        self.args = args
+        self.exchanges: list[int] = []
+        """Where the exchanges added sit in the caller's batch."""
+
+    def _key(self, name: str) -> int:
+        index = self._index.get(name)
+        if index is None:
+            self.keys.append(name)
+            index = self._index[name] = len(self.keys)
+        return index
+
+    def add(self, record: CompletionRecord | None, conversation: ConversationRecord | None, items: list[bytes]) -> None:
+        """An exchange: its completion, and its items (JSON) when its conversation exists."""
+        names = self._names
+        indexes = [0] * 7
+        score = 0
+        values = [b"", b""]
+        if record is not None:
+            indexes[:3] = map(
+                self._key, [names.completion(record.id), names.completions(), names.completions(record.user)]
+            )
+            score = record.created
+            values = [_member(record.seq, record.id).encode(), _encode(record)]
+        if conversation is not None and items:
+            indexes[3:] = map(self._key, names.conversation_keys(conversation))
+            values += items
+        head = " ".join(map(str, [*indexes, score, *map(len, values)]))
+        self.args.append(b"".join([head.encode(), b"\n", *values]))
+
+
 def _matches(record: CompletionRecord, model: str | None, metadata: dict[str, str] | None) -> bool:
     if model is not None and record.model != model:
         return False
@@ -292,6 +353,7 @@ class RedisStore:
         await self.save_many([exchange])
 
     async def save_many(self, exchanges: list[Exchange]) -> None:
+        refused: dict[int, Exception] = {}
         with _unavailable():
             # One round trip for what each script needs to know first: the seqs, one INCRBY per
             # tenant for the whole batch, and who owns each conversation (its user index is among
@@ -315,27 +377,30 @@ class RedisStore:
                 last = replies[seq_at[tenant]]
                 for seq, n in enumerate(members, start=last - len(members) + 1):
                     seqs[n] = seq
-            # ... and one for the scripts, each still atomic on its own.
-            calls: list[Call] = []
+            # ... and one for the writes: a script call per tenant, each exchange still atomic.
+            batches: dict[str, _SaveBatch] = {}
             for n, exchange in enumerate(exchanges):
-                keys: list[str] = []
-                args: list[Any] = [self._ttl_ms, self._max_items, "", "", ""]
+                tenant = self._tenant(exchange)
+                batch = batches.get(tenant)
+                if batch is None:
+                    batch = batches[tenant] = _SaveBatch(self._keys(tenant), [self._ttl_ms, self._max_items])
+                batch.exchanges.append(n)
                 completion = exchange.completion
-                if completion is not None:
-                    ck = self._keys(completion.tenant)
-                    record = msgspec.structs.replace(completion, seq=seqs[n])
-                    keys += [ck.completion(record.id), ck.completions(), ck.completions(record.user)]
-                    args[2:5] = [_encode(record), _member(record.seq, record.id), record.created]
+                record = None if completion is None else msgspec.structs.replace(completion, seq=seqs[n])
                 at = conversation_at.get(n)
+                conversation = None
                 if at is not None and replies[at] is not None:
                     conversation = _conversation.decode(replies[at])
-                    keys += self._keys(self._tenant(exchange)).conversation_keys(conversation)
-                    args += [_encode(item) for item in exchange.items]
-                if keys:
-                    calls.append((self._save, keys, args))
-            for result in await run_scripts(self._redis, calls):
+                batch.add(record, conversation, [_encode(item) for item in exchange.items])
+            calls: list[Call] = [(self._save, batch.keys, batch.args) for batch in batches.values()]
+            for batch, result in zip(batches.values(), await run_scripts(self._redis, calls), strict=True):
                 if isinstance(result, Exception):
                     raise result
+                outcomes = zip(batch.exchanges, result, strict=True)
+                refused.update((n, outcome) for n, outcome in outcomes if isinstance(outcome, Exception))
+        # Outside _unavailable: a refusal is not an outage, and retrying will not help.
+        if refused:
+            raise ExchangesRefused(refused)
 
     @staticmethod
     def _tenant(exchange: Exchange) -> str:
@@ -479,9 +544,13 @@ class RedisStore:
             return None
         encoded = [_encode(item) for item in items]
         if encoded:
-            keys = self._keys(scope.tenant).conversation_keys(record)
+            batch = _SaveBatch(self._keys(scope.tenant), [self._ttl_ms, self._max_items])
+            batch.add(None, record, encoded)
             with _unavailable():
-                _, appended = await self._save(keys=keys, args=[self._ttl_ms, self._max_items, "", "", "", *encoded])
+                [outcome] = await self._save(keys=batch.keys, args=batch.args)
+            if isinstance(outcome, Exception):
+                raise outcome
+            _, appended = outcome
             if not appended:
                 return None  # deleted since we read it
         return [_item.decode(raw) for raw in encoded]
