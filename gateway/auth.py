@@ -59,13 +59,29 @@ class Principal:
 OPEN = Principal(key_id="open", name="open", tenant="default", models=("*",), limits=Limits())
 
 
+class _Known:
+    """A key's record, and the principal it makes, built once rather than for every request."""
+
+    __slots__ = ("principal", "record")
+
+    def __init__(self, record: KeyRecord) -> None:
+        self.record = record
+        self.principal = Principal(
+            key_id=record.id,
+            name=record.name,
+            tenant=record.tenant,
+            models=tuple(record.models),
+            limits=Limits(rpm=record.rpm, tpm=record.tpm, max_parallel=record.max_parallel),
+        )
+
+
 class Authenticator:
     def __init__(self, settings: Settings, store: KeyStore) -> None:
         self.store = store
         self.master_key = settings.auth.master_key
-        self._static = static_keys(settings.keys)
+        self._static = {digest: _Known(record) for digest, record in static_keys(settings.keys).items()}
         self.open = not self._static and not self.master_key
-        self._cache: dict[str, tuple[KeyRecord | None, float]] = {}
+        self._cache: dict[str, tuple[_Known | None, float]] = {}
 
     async def principal(self, secret: str | None) -> Principal:
         if self.open:
@@ -79,20 +95,14 @@ class Authenticator:
                 key_id="master", name="master", tenant="default", models=("*",), limits=Limits(), master=True
             )
         digest = hash_key(secret)
-        record = self._static.get(digest) or await self._virtual(digest)
-        if record is None:
+        known = self._static.get(digest) or await self._virtual(digest)
+        if known is None:
             raise AuthenticationFailed("Incorrect API key provided.")
-        if record.expired(time.time()):
+        if known.record.expired(time.time()):
             raise AuthenticationFailed("This API key has expired.", code="expired_api_key")
-        return Principal(
-            key_id=record.id,
-            name=record.name,
-            tenant=record.tenant,
-            models=tuple(record.models),
-            limits=Limits(rpm=record.rpm, tpm=record.tpm, max_parallel=record.max_parallel),
-        )
+        return known.principal
 
-    async def _virtual(self, digest: str) -> KeyRecord | None:
+    async def _virtual(self, digest: str) -> _Known | None:
         cached = self._cache.get(digest)
         age = time.monotonic() - cached[1] if cached else None
         if cached is not None and age is not None and age < _FRESH:
@@ -107,8 +117,9 @@ class Authenticator:
             ) from None
         if len(self._cache) > 10_000:
             self._cache.clear()  # unknown keys tried at random must not grow it forever
-        self._cache[digest] = (record, time.monotonic())
-        return record
+        known = _Known(record) if record is not None else None
+        self._cache[digest] = (known, time.monotonic())
+        return known
 
     def forget(self, digest: str) -> None:
         self._cache.pop(digest, None)
