@@ -12,6 +12,7 @@ import redis.asyncio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import gateway.limits
 from gateway.errors import RateLimited, ServiceUnavailable
 from gateway.limits import Limits, MemoryLimiter, RedisLimiter, gcra, remaining, reset_text, retry_after
 from tests.conftest import RedisServer, free_port
@@ -155,6 +156,24 @@ async def test_parallel_slots_held_until_settled(limiter: MemoryLimiter | RedisL
     assert sorted(admitted) == [False, True, True]  # which two win the race is the event loop's choice
     await limiter.settle("k", limits, f"r{admitted.index(True)}", 0, WINDOW)
     await limiter.admit("k", limits, "again", 1, WINDOW)
+
+
+async def test_a_lease_never_released_expires(
+    limiter: MemoryLimiter | RedisLimiter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replica that dies mid-request never settles: its parallel slot frees itself when the lease
+    runs out, and not before, while the other leases hold theirs."""
+    limits = Limits(max_parallel=2)
+    monkeypatch.setattr(gateway.limits, "LEASE_SECONDS", 0.2)
+    await limiter.admit("k", limits, "lost", 1, WINDOW)
+    monkeypatch.setattr(gateway.limits, "LEASE_SECONDS", 60.0)
+    await limiter.admit("k", limits, "live", 1, WINDOW)
+    with pytest.raises(RateLimited):
+        await limiter.admit("k", limits, "early", 1, WINDOW)
+    await asyncio.sleep(0.25)
+    await limiter.admit("k", limits, "after", 1, WINDOW)
+    with pytest.raises(RateLimited):  # "live" and "after" hold both slots
+        await limiter.admit("k", limits, "next", 1, WINDOW)
 
 
 async def test_concurrent_settlements_all_land(limiter: MemoryLimiter | RedisLimiter) -> None:
