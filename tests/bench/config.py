@@ -7,24 +7,25 @@ rate limits are checked in Redis on every request (:func:`keys_and_limits`).
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from tests.bench.loadgen import BENCH_KEY
 
-__all__ = ["KEYS_AND_LIMITS_NOTE", "bare", "keys_and_limits", "realistic"]
+__all__ = ["KEYS_AND_LIMITS_NOTE", "PARTS", "bare", "keys_and_limits", "realistic"]
 
 KEYS_AND_LIMITS_NOTE = "keys/limits: on (one key, limits far above the load, so admission runs but never refuses)"
 
 
-def keys_and_limits() -> str | None:
+def keys_and_limits(*, limits: bool = True) -> str | None:
     """The TOML that turns on API keys and rate limits for the realistic run: every request is
-    authenticated, admitted by the Redis Lua script and settled, and none is refused."""
+    authenticated, admitted by the Redis Lua script and settled, and none is refused. Without
+    ``limits``, the key alone."""
+    rates = "rpm = 1000000000\ntpm = 1000000000000\nmax_parallel = 100000\n" if limits else ""
     return f"""
 [[keys]]
 name = "bench"
 key = "{BENCH_KEY}"
-rpm = 1000000000
-tpm = 1000000000000
-max_parallel = 100000
-"""
+{rates}"""
 
 
 def _common(upstream_base_url: str) -> str:
@@ -45,7 +46,13 @@ def bare(upstream_base_url: str) -> str:
     return _common(upstream_base_url) + "\n[history]\nstore_all = false\n"
 
 
-def realistic(upstream_base_url: str, redis_url: str) -> str:
-    toml = _common(upstream_base_url) + f'\n[redis]\nurl = "{redis_url}"\n\n[history]\nstore_all = true\n'
-    extra = keys_and_limits()
+PARTS = ("keys", "limits", "history")
+"""What the realistic configuration adds to the bare one; ``without`` leaves some out (limits go with
+keys), to see what each costs."""
+
+
+def realistic(upstream_base_url: str, redis_url: str, without: Collection[str] = ()) -> str:
+    history = "false" if "history" in without else "true"
+    toml = _common(upstream_base_url) + f'\n[redis]\nurl = "{redis_url}"\n\n[history]\nstore_all = {history}\n'
+    extra = None if "keys" in without else keys_and_limits(limits="limits" not in without)
     return toml + ("\n" + extra if extra else "")

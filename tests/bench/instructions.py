@@ -1,6 +1,6 @@
 """Instructions per relayed request, counted by valgrind: a figure that does not move with the machine.
 
-    .venv/bin/python -m tests.bench.instructions [--stream] [--realistic] [--requests N]
+    .venv/bin/python -m tests.bench.instructions [--stream] [--realistic [--without PARTS]] [--requests N]
 
 CPU time on a shared machine moves by 10-20% between runs, more than most single changes to the hot
 path are worth. Instructions executed do not: valgrind's callgrind counts them (user space only, so
@@ -8,11 +8,12 @@ the kernel's side of each syscall is left out, the same for every version of the
 of the same code agree within about 1%.
 
 The gateway app (the bench's bare configuration, or with ``--realistic`` its realistic one, with a
-``redis-server`` of its own) is driven in-process, without a server or client sockets: 64 concurrent
-requests at a time, each handed to the app as an ASGI call, forwarded over a real connection to the
-bench upstream, which runs in its own process. The app is shut down at the end of each run, so the
-history it writes in the background is counted too. The figure is the difference
-between two runs of the same warm-up and N and 3N requests, over 2N: start-up and warm-up cancel out.
+``redis-server`` of its own; ``--without history,limits`` leaves parts of it out) is driven
+in-process, without a server or client sockets: 64 concurrent requests at a time, each handed to the
+app as an ASGI call, forwarded over a real connection to the bench upstream, which runs in its own
+process. The app is shut down at the end of each run, so the history it writes in the background is
+counted too. The figure is the difference between two runs of the same warm-up and N and 3N
+requests, over 2N: start-up and warm-up cancel out.
 Both runs take about 5 minutes under valgrind with the default ``--requests 640``.
 """
 
@@ -61,13 +62,13 @@ def _scope(body: bytes, key: bool) -> dict[str, Any]:
     }
 
 
-async def _drive(base_url: str, requests: int, stream: bool, redis_url: str | None) -> None:
+async def _drive(base_url: str, requests: int, stream: bool, redis_url: str | None, without: list[str]) -> None:
     from gateway.app import create_app
     from gateway.settings import load_file
 
     with tempfile.TemporaryDirectory(prefix="bench-instructions-") as directory:
         path = Path(directory) / "gateway.toml"
-        path.write_text(config.realistic(base_url, redis_url) if redis_url else config.bare(base_url))
+        path.write_text(config.realistic(base_url, redis_url, without) if redis_url else config.bare(base_url))
         settings = load_file(path)
     app = create_app(settings)
     body = b'{"model":"bench-model","messages":[{"role":"user","content":"hello"}]%s}' % (
@@ -118,11 +119,12 @@ async def _drive(base_url: str, requests: int, stream: bool, redis_url: str | No
     await running
 
 
-def _count(base_url: str, requests: int, stream: bool, redis_url: str | None) -> int:
+def _count(base_url: str, requests: int, stream: bool, redis_url: str | None, without: list[str]) -> int:
     command = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable]
     command += ["-m", "tests.bench.instructions", "--drive", base_url, "--requests", str(requests)]
     command += ["--stream"] if stream else []
     command += ["--redis", redis_url] if redis_url else []
+    command += ["--without", ",".join(without)] if without else []
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     found = _COLLECTED.search(done.stderr)
     if done.returncode != 0 or found is None:
@@ -135,14 +137,20 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=640, help="N: the runs make N and 3N requests")
     parser.add_argument("--stream", action="store_true", help="streamed requests (64 tokens each, no delay)")
     parser.add_argument("--realistic", action="store_true", help="history in Redis, an API key and rate limits")
+    parser.add_argument(
+        "--without", default="", help=f"with --realistic: parts left out, comma-separated ({', '.join(config.PARTS)})"
+    )
     parser.add_argument("--drive", metavar="BASE_URL", help=argparse.SUPPRESS)  # one run, under valgrind
     parser.add_argument("--redis", metavar="URL", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    without = [part for part in args.without.split(",") if part]
+    if unknown := set(without) - set(config.PARTS):
+        parser.error(f"--without: no such part {', '.join(sorted(unknown))}; the parts: {', '.join(config.PARTS)}")
     if args.drive:
         import uvloop
 
         gc.set_threshold(10_000, 20, 50)  # as gateway serve does
-        uvloop.run(_drive(args.drive, args.requests, args.stream, args.redis))
+        uvloop.run(_drive(args.drive, args.requests, args.stream, args.redis, without))
         return 0
     if shutil.which("valgrind") is None:
         raise SystemExit("needs valgrind (Debian: apt-get install valgrind)")
@@ -157,13 +165,14 @@ def main() -> int:
             if gateway_cpus:
                 os.sched_setaffinity(0, gateway_cpus)
             redis_url = redis.url if redis is not None else None
-            low = _count(base_url, requests, args.stream, redis_url)
-            high = _count(base_url, 3 * requests, args.stream, redis_url)
+            low = _count(base_url, requests, args.stream, redis_url, without)
+            high = _count(base_url, 3 * requests, args.stream, redis_url, without)
         finally:
             upstream.stop()
             if redis is not None:
                 redis.stop()
     kind = ("streamed (64 tokens)" if args.stream else "non-streamed") + (", realistic" if args.realistic else "")
+    kind += f" without {', '.join(without)}" if args.realistic and without else ""
     print(f"{(high - low) / (2 * requests):,.0f} instructions a {kind} request")
     return 0
 
