@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from pathlib import Path
 
 import pytest
 import redis.asyncio
@@ -85,3 +87,25 @@ async def test_a_batch_answers_every_caller_when_redis_is_unreachable() -> None:
     results = await asyncio.gather(*(batch.run(script, ["k"], []) for _ in range(5)), return_exceptions=True)
     assert all(isinstance(r, redis.exceptions.ConnectionError) for r in results)
     await client.aclose()
+
+
+async def test_a_batch_carries_on_when_redis_comes_back(tmp_path: Path) -> None:
+    """A batch keeps one connection for its round trips: when Redis goes away it breaks, the calls
+    then get the error, and the calls after Redis is back run on a new one (the scripts loaded
+    again: a restarted Redis has forgotten them)."""
+    server = RedisServer(tmp_path).start()
+    client = redis.asyncio.Redis.from_url(server.url, socket_connect_timeout=0.5)
+    try:
+        batch = ScriptBatch(client)
+        add = BatchedScript(client, "return redis.call('INCRBY', KEYS[1], ARGS[1])", 1)
+        assert await asyncio.gather(*(batch.run(add, ["n"], [1]) for _ in range(3))) == [1, 2, 3]
+        server.stop()
+        with pytest.raises(redis.exceptions.ConnectionError):
+            await batch.run(add, ["n"], [1])
+        server.start()
+        with contextlib.suppress(redis.exceptions.ConnectionError):
+            await client.ping()  # the pool's own idle connection finds out it was closed
+        assert await asyncio.gather(*(batch.run(add, ["n"], [10]) for _ in range(2))) == [10, 20]
+    finally:
+        await client.aclose()
+        server.stop()
