@@ -81,7 +81,8 @@ def plan(quick: bool) -> list[Point]:
     points.append(Point("realistic", 64, stream=True, config="realistic", direct_from="stream c=64"))
     if not quick:
         for relay in ("reference-litestar", "reference-litestar-asgi", "reference-asgi"):
-            points.append(Point("reference", 64, config=relay, direct_from="non-stream c=64"))
+            for c in (1, 64):
+                points.append(Point("reference", c, config=relay, direct_from=f"non-stream c={c}"))
             for c in (64, 256):
                 paced = Point("reference", c, stream=True, token_delay=TOKEN_DELAY, config=relay)
                 points.append(dataclasses.replace(paced, direct_from=f"stream 5ms c={c}"))
