@@ -21,29 +21,15 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import uvloop
 from redis.asyncio import Redis
 
 from gateway.scripts import run_scripts
 from tests.bench import procs
+from tests.bench.transports import cpu_per_call
 from tests.conftest import RedisServer
-
-
-async def _rounds(name: str, trip: Callable[[], Awaitable[Any]], trips: int) -> None:
-    for _ in range(trips // 10):  # warm-up
-        await trip()
-    best = float("inf")
-    for _ in range(3):
-        start = time.process_time()
-        for _ in range(trips):
-            await trip()
-        best = min(best, time.process_time() - start)
-    print(f"{name:10s} {best * 1e6 / trips:7.1f} us of CPU a round trip")
 
 
 async def _main(url: str, trips: int, calls: int) -> None:
@@ -62,9 +48,12 @@ async def _main(url: str, trips: int, calls: int) -> None:
 
     held = await pool.get_connection()
     try:
-        await _rounds("pipeline", lambda: run_scripts(client, batch), trips)
-        await _rounds("pooled", pooled, trips)
-        await _rounds("held", lambda: run_scripts(client, batch, held), trips)
+        for name, trip in (
+            ("pipeline", lambda: run_scripts(client, batch)),
+            ("pooled", pooled),
+            ("held", lambda: run_scripts(client, batch, held)),
+        ):
+            print(f"{name:10s} {await cpu_per_call(trip, trips):7.1f} us of CPU a round trip")
     finally:
         await pool.release(held)
         await client.aclose()
