@@ -164,13 +164,13 @@ async def test_a_lease_never_released_expires(
     """A replica that dies mid-request never settles: its parallel slot frees itself when the lease
     runs out, and not before, while the other leases hold theirs."""
     limits = Limits(max_parallel=2)
-    monkeypatch.setattr(gateway.limits, "LEASE_SECONDS", 0.2)
+    monkeypatch.setattr(gateway.limits, "LEASE_SECONDS", 0.5)
     await limiter.admit("k", limits, "lost", 1, WINDOW)
     monkeypatch.setattr(gateway.limits, "LEASE_SECONDS", 60.0)
     await limiter.admit("k", limits, "live", 1, WINDOW)
     with pytest.raises(RateLimited):
         await limiter.admit("k", limits, "early", 1, WINDOW)
-    await asyncio.sleep(0.25)
+    await asyncio.sleep(0.6)
     await limiter.admit("k", limits, "after", 1, WINDOW)
     with pytest.raises(RateLimited):  # "live" and "after" hold both slots
         await limiter.admit("k", limits, "next", 1, WINDOW)
