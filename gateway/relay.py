@@ -131,16 +131,12 @@ async def forward(
                 )
                 first = await relay.open(path, payload, request_id)
                 backend.succeeded()
+                stream_headers = STREAM_HEADERS | headers if headers else STREAM_HEADERS
                 if resume is not None:
-                    follower = await resume(relay, first)
-                    return EventStream(follower, STREAM_HEADERS | headers if headers else STREAM_HEADERS)
+                    return EventStream(await resume(relay, first), stream_headers)
                 # Background work runs after the last byte, and also when the client left before the
                 # body started (then the generator, and its ``finally``, never run).
-                return EventStream(
-                    relay.events(first),
-                    STREAM_HEADERS | headers if headers else STREAM_HEADERS,
-                    background=relay.finish,
-                )
+                return EventStream(relay.events(first), stream_headers, background=relay.finish)
             backend.in_flight += 1
             try:
                 response = await _unary(backend, path, payload, request_id, reply, on_end, headers)
