@@ -301,10 +301,18 @@ class RedisLimiter:
         # waits for Redis to run the settlements sent with it.
         self._admissions = ScriptBatch(redis)
         self._settlements = ScriptBatch(redis)
+        self._names: dict[str, tuple[str, str, str]] = {}
 
-    def _keys(self, key_id: str) -> list[str]:
-        base = f"{self._prefix}:{{{key_id}}}"
-        return [f"{base}:r", f"{base}:t", f"{base}:p"]
+    def _keys(self, key_id: str) -> tuple[str, str, str]:
+        """The key's request tat, token tat and leases; named once per key, not at each admission
+        and settlement."""
+        keys = self._names.get(key_id)
+        if keys is None:
+            if len(self._names) > 10_000:
+                self._names.clear()  # virtual keys come and go: the names must not pile up
+            base = f"{self._prefix}:{{{key_id}}}"
+            keys = self._names[key_id] = (f"{base}:r", f"{base}:t", f"{base}:p")
+        return keys
 
     async def admit(self, key_id: str, limits: Limits, request_id: str, tokens: int, window: float) -> State:
         args = [window, limits.rpm, limits.tpm, limits.max_parallel, tokens, request_id, LEASE_SECONDS]
@@ -351,5 +359,4 @@ class RedisLimiter:
             assert self._fallback is not None
             await self._fallback.settle(key_id, limits, request_id, delta, window)
             return
-        keys = self._keys(key_id)
-        await self._settlements.run(self._settle, [keys[1], keys[2]], [request_id, delta, window, limits.tpm])
+        await self._settlements.run(self._settle, self._keys(key_id)[1:], [request_id, delta, window, limits.tpm])
