@@ -20,7 +20,9 @@ from pytest_httpx import HTTPXMock
 from gateway import metrics as metrics_module
 from gateway.app import create_app
 from gateway.metrics import Metrics
+from gateway.reply import Reply
 from gateway.settings import BackendSettings, HistorySettings, KeySettings, RedisSettings, Settings
+from gateway.wire import Usage
 from tests.conftest import GatewayFactory, Upstream, free_port
 
 CHAT = "/v1/chat/completions"
@@ -188,10 +190,68 @@ def test_label_values_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     metrics = Metrics(CollectorRegistry())
     for model in ("a", "b", "c", "d", "a"):
         metrics.request_done("/v1/chat/completions", 200, 0.1, model=model, backend="x", key="k", reply=None)
+    metrics.fold()
     assert metrics.registry is not None
     text = Scrape(generate_latest(metrics.registry).decode())
     assert text.get("gateway_requests_total", route=CHAT, model="a", backend="x", status="200") == 2
     assert text.get("gateway_requests_total", route=CHAT, model="other", backend="x", status="200") == 2
+
+
+def _reply(index: int) -> Reply:
+    reply = Reply()
+    reply.first_token = 0.01 * index
+    reply.upstream_time = 0.002 * index
+    reply.gaps = [0.001 * i for i in range(index % 5)]
+    reply.usage = Usage(prompt_tokens=index, completion_tokens=2 * index) if index % 3 else None
+    reply.retries = index % 2
+    return reply
+
+
+def test_folded_requests_count_as_one_by_one_updates() -> None:
+    """The batched fold gives the series and values that updating each metric per request gives."""
+    folded, expected = Metrics(CollectorRegistry()), Metrics(CollectorRegistry())
+    for index in range(300):
+        status, duration, reply = 200 if index % 7 else 502, 0.003 * index, _reply(index) if index % 4 else None
+        model, backend, key = f"m{index % 3}", f"b{index % 2}", f"k{index % 4}"
+        folded.request_done(CHAT, status, duration, model=model, backend=backend, key=key, reply=reply)
+        expected.requests.labels(CHAT, model, backend, str(status)).inc()
+        expected.duration.labels(CHAT, model, backend).observe(duration)
+        if reply is None or reply.first_token is None:
+            continue
+        expected.ttft.labels(model, backend).observe(reply.first_token)
+        expected.overhead.observe(max(0.0, duration - reply.upstream_time))
+        for gap in reply.gaps:
+            expected.inter_token.labels(model).observe(gap)
+        if reply.usage is not None:
+            expected.tokens.labels(model, key, "prompt").inc(reply.usage.prompt_tokens)
+            expected.tokens.labels(model, key, "completion").inc(reply.usage.completion_tokens)
+        if reply.retries:
+            expected.retries.labels(model).inc(reply.retries)
+    folded.fold()
+    assert folded.registry is not None and expected.registry is not None
+    got = Scrape(generate_latest(folded.registry).decode()).samples
+    want = Scrape(generate_latest(expected.registry).decode()).samples
+    assert got.keys() == want.keys()
+    for series, value in want.items():
+        assert got[series] == pytest.approx(value), series
+    names = {name for name, _ in want}
+    assert {"gateway_tokens_total", "gateway_retries_total", "gateway_inter_token_seconds_bucket"} <= names
+
+
+def test_requests_are_folded_without_a_scrape_past_a_batch() -> None:
+    metrics = Metrics(CollectorRegistry())
+    registry = metrics.registry
+    assert registry is not None
+
+    def counted() -> float:
+        scraped = Scrape(generate_latest(registry).decode())
+        return scraped.get("gateway_requests_total", route=CHAT, model="m", backend="b", status="200")
+
+    for _ in range(metrics_module._FOLD_EVERY - 1):
+        metrics.request_done(CHAT, 200, 0.1, model="m", backend="b", key="k", reply=None)
+    assert counted() == 0  # noted, not yet folded: a scrape folds them (sample())
+    metrics.request_done(CHAT, 200, 0.1, model="m", backend="b", key="k", reply=None)
+    assert counted() == metrics_module._FOLD_EVERY
 
 
 def test_observe_all_counts_as_observe_does() -> None:
