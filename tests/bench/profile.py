@@ -2,7 +2,7 @@
 
 ``python -m tests.bench --profile`` records each gateway run with py-spy (not a project dependency:
 ``.venv/bin/pip install py-spy``) and writes, next to the JSON, the raw collapsed stacks and a summary
-per point. Sampling costs the gateway a little CPU, so the figures of a profiled run are a bit worse
+per point. Sampling pauses the gateway for each sample, so the figures of a profiled run are worse
 than an unprofiled one's (the JSON says ``"profiled": true``).
 
 The summary is by *self* time (the innermost frame of each sample), which stays right on an event
@@ -32,7 +32,10 @@ def find_py_spy() -> str | None:
 
 def record(py_spy: str, pid: int, seconds: float, raw_path: Path, log: Path) -> subprocess.Popen[bytes]:
     command = [py_spy, "record", "--pid", str(pid), "--duration", str(max(1, round(seconds)))]
-    command += ["--rate", str(_RATE), "--format", "raw", "--output", str(raw_path), "--nonblocking"]
+    # Blocking (py-spy pauses the process for each sample): with --nonblocking, samples taken while
+    # the interpreter moves between frames come out as stacks that never ran, such as a logging call
+    # inside a WeakSet callback calling a Prometheus counter.
+    command += ["--rate", str(_RATE), "--format", "raw", "--output", str(raw_path)]
     with log.open("ab") as out:
         return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
