@@ -33,6 +33,7 @@ _HIGH_WATER = 256 * 1024
 _LOW_WATER = 64 * 1024
 
 _DEFAULT_PORTS = {b"http": 80, b"https": 443}
+_FOREVER = float("inf")
 _EXTENSIONS = {"http_version": b"HTTP/1.1"}
 # Far above what one process relays at once, so the pool never queues requests the upstreams could take.
 DEFAULT_LIMITS = httpx.Limits(max_connections=8192, max_keepalive_connections=1024, keepalive_expiry=30)
@@ -48,7 +49,10 @@ class _Connection(asyncio.Protocol):
         self._parser = httptools.HttpResponseParser(self)
         self._waiter: asyncio.Future[bool] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
         self._deadline = 0.0
+        self._total: float | None = None
+        self._until: float | None = None
         self._chunks: collections.deque[bytes] = collections.deque()
         self._buffered = 0
         self._paused = False
@@ -120,9 +124,12 @@ class _Connection(asyncio.Protocol):
 
     # the reader's side
 
-    def begin(self, data: bytes) -> None:
-        """Send one request on this connection (idle, or new)."""
+    def begin(self, data: bytes, until: float | None = None, total: float | None = None) -> None:
+        """Send one request on this connection (idle, or new); with ``until``, a loop time ``total``
+        seconds after the request was first sent, every wait for its answer ends then at the latest."""
         self.requests += 1
+        self._until = until
+        self._total = total
         self.status = 0
         self.headers = []
         self.headers_done = self.complete = self.received = False
@@ -136,20 +143,31 @@ class _Connection(asyncio.Protocol):
         self.transport.write(data)  # type: ignore[union-attr]
 
     async def wait(self, timeout: float | None) -> None:
-        """Until the upstream sends something or closes; ``httpx.ReadTimeout`` after ``timeout`` s."""
+        """Until the upstream sends something or closes; ``httpx.ReadTimeout`` after ``timeout`` s,
+        or when the request's ``total`` (``begin()``) is up, whichever comes first."""
         loop = self._pool.loop
+        until = self._until
         self._waiter = waiter = loop.create_future()
-        if timeout is not None:
-            self._deadline = loop.time() + timeout
-            if self._timer is None:
+        if timeout is not None or until is not None:
+            deadline = loop.time() + timeout if timeout is not None else _FOREVER
+            if until is not None and until < deadline:
+                deadline = until
+            self._deadline = deadline
+            if self._timer is None or deadline < self._timer_at:
                 # One timer outlives many waits, moved on only when it fires early: a timer set and
                 # cancelled around every wait would cost more than the rest of a streamed chunk's read.
-                self._timer = loop.call_at(self._deadline, self._expire)
+                # Set anew only for a deadline before it (a request with a shorter timeout).
+                if self._timer is not None:
+                    self._timer.cancel()
+                self._timer = loop.call_at(deadline, self._expire)
+                self._timer_at = deadline
         try:
             woken = await waiter
         finally:
             self._waiter = None
         if not woken:
+            if until is not None and self._deadline == until:
+                raise httpx.ReadTimeout(f"The upstream did not answer within {self._total:g} s.")
             raise httpx.ReadTimeout(f"The upstream sent nothing for {timeout:g} s.")
 
     def _expire(self) -> None:
@@ -161,6 +179,7 @@ class _Connection(asyncio.Protocol):
             waiter.set_result(False)
         else:
             self._timer = self._pool.loop.call_at(self._deadline, self._expire)
+            self._timer_at = self._deadline
 
     def take(self) -> bytes:
         """Every body byte buffered so far, as one piece."""
@@ -424,20 +443,24 @@ class Transport(httpx.AsyncBaseTransport):
         timeouts: dict[str, Any],
         *,
         read: bool = False,
+        total: float | None = None,
         request: httpx.Request | None = None,
     ) -> httpx.Response:
         """Send ``data``, a whole HTTP/1.1 request, to ``origin`` (scheme, host, port), and answer
-        with the response once its headers are in; with ``read``, once it is complete, its body read."""
+        with the response once its headers are in; with ``read``, once it is complete, its body read.
+        ``total`` bounds the wait for that answer as the read timeout bounds each read: the deadline
+        the reads keep anyway, where a timer around the call would cost a timer set and cancelled."""
         pool = self._pool
         if pool is None:
             pool = self._pool = _Pool(self._limits)
         ssl_context = self._ssl_context() if origin[0] == b"https" else None
         read_timeout = timeouts.get("read")
+        until = pool.loop.time() + total if total is not None else None
         while True:
             connection = await pool.acquire(origin, ssl_context, timeouts)
             reused = connection.requests > 0
             try:
-                connection.begin(data)
+                connection.begin(data, until, total)
                 while not (connection.complete if read else connection.headers_done):
                     if connection.error is not None:
                         raise connection.error

@@ -14,10 +14,11 @@ from pytest_httpx import HTTPXMock
 
 from gateway.backends import Backend
 from gateway.errors import UpstreamProtocolError, UpstreamStatus, UpstreamTimeout, UpstreamUnavailable
-from gateway.relay import _Deadline, forward
+from gateway.relay import forward
 from gateway.reply import Reply
 from gateway.routing import Route, Target
 from gateway.settings import BackendSettings, GuardSettings, RetrySettings, Settings, TimeoutSettings
+from gateway.upstream import Deadline
 
 URL = "http://upstream/v1/chat/completions"
 
@@ -478,14 +479,14 @@ async def test_without_the_message_wanted_only_what_the_gateway_needs_is_read(
 
 async def test_deadline_turns_its_own_cancellation_into_timeout() -> None:
     with pytest.raises(TimeoutError):
-        with _Deadline(0.01):
+        with Deadline(0.01):
             await asyncio.sleep(5)
     assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
     await asyncio.sleep(0)  # no cancellation left pending on the task
 
 
 async def test_deadline_met_leaves_the_task_alone() -> None:
-    with _Deadline(0.05):
+    with Deadline(0.05):
         await asyncio.sleep(0.001)
     await asyncio.sleep(0.1)  # past the deadline: its timer was cancelled with the block
     assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
@@ -495,7 +496,7 @@ async def test_deadline_passes_a_cancellation_from_outside_on() -> None:
     entered = asyncio.Event()
 
     async def waiting() -> None:
-        with _Deadline(5):
+        with Deadline(5):
             entered.set()
             await asyncio.sleep(5)
 
@@ -507,10 +508,10 @@ async def test_deadline_passes_a_cancellation_from_outside_on() -> None:
 
 
 async def test_deadline_and_outside_cancellation_together_stay_a_cancellation() -> None:
-    deadlines: list[_Deadline] = []
+    deadlines: list[Deadline] = []
 
     async def waiting() -> None:
-        deadline = _Deadline(5)
+        deadline = Deadline(5)
         deadlines.append(deadline)
         with deadline:
             await asyncio.sleep(5)

@@ -19,6 +19,7 @@ import msgspec
 import pytest
 
 from gateway.backends import Backend
+from gateway.errors import UpstreamTimeout
 from gateway.settings import BackendSettings
 from gateway.transport import Transport, _Connection, _Pool
 from gateway.upstream import open_response
@@ -251,6 +252,68 @@ async def test_no_answer_within_the_read_timeout(transport: Transport) -> None:
     async with Server(handler) as server, httpx.AsyncClient(transport=transport, timeout=0.2) as client:
         with pytest.raises(httpx.ReadTimeout):
             await client.post(f"{server.url}/a", content=b"{}")
+
+
+def backend_at(server: Server, client: httpx.AsyncClient) -> Backend:
+    settings = msgspec.convert(
+        {"name": "b", "kind": "openai", "base_url": f"{server.url}/v1", "models": ["m"]}, BackendSettings
+    )
+    return Backend(settings, client)
+
+
+@pytest.mark.parametrize("hooked", [False, True], ids=["bytes built", "httpx request"])
+async def test_total_bounds_a_non_streamed_answer_that_keeps_trickling_in(hooked: bool) -> None:
+    # Every read comes well within the read timeout; only the total can end the wait. Over the
+    # gateway's transport the reads keep that deadline; with a request hook, a timer does.
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        for _ in range(100):
+            writer.write(chunk(b" "))
+            await writer.drain()
+            await asyncio.sleep(0.05)
+
+    async def hook(request: httpx.Request) -> None:
+        pass
+
+    hooks = {"request": [hook]} if hooked else {}
+    async with Server(handler) as server, httpx.AsyncClient(transport=Transport(), event_hooks=hooks) as client:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(UpstreamTimeout, match=r"did not answer within 0\.3 s"):
+            await asyncio.wait_for(
+                open_response(
+                    backend_at(server, client),
+                    "/chat/completions",
+                    b"{}",
+                    request_id="r",
+                    stream=False,
+                    timeout=httpx.Timeout(5, read=1),
+                    total=0.3,
+                ),
+                4,
+            )
+        assert loop.time() - started < 4  # the deadline ended it, not the server's 5 s of trickle
+
+
+async def test_a_shorter_deadline_on_a_reused_connection_is_kept(transport: Transport) -> None:
+    # The first request leaves the connection's timer set 30 s ahead; the second's 0.3 s total
+    # must not wait for it.
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        await asyncio.sleep(0.05)
+        writer.write(answer(b"first"))
+        await server.read_request(reader)
+        await asyncio.sleep(30)
+
+    async with Server(handler) as server:
+        origin = (b"http", "127.0.0.1", server.port)
+        request = b"POST /a HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\n{}"
+        first = await transport.send(origin, request, {"read": 30}, read=True)
+        assert first.content == b"first"
+        with pytest.raises(httpx.ReadTimeout, match=r"did not answer within 0\.3 s"):
+            await asyncio.wait_for(transport.send(origin, request, {"read": 30}, read=True, total=0.3), 5)
+        assert server.connections == 1
 
 
 async def test_connection_refused_is_a_connect_error(client: httpx.AsyncClient) -> None:
