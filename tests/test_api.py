@@ -14,7 +14,7 @@ from litestar.testing import AsyncTestClient
 from pytest_httpx import HTTPXMock
 
 from gateway.api import Dispatch
-from gateway.app import create_app
+from gateway.app import AppState, create_app
 from gateway.errors import ClientGone, PayloadTooLarge, render
 from gateway.request import read_body
 from gateway.settings import BackendSettings, KeySettings, RetrySettings, ServerSettings, Settings
@@ -358,3 +358,24 @@ async def test_the_hot_routes_read_their_body_in_parts_and_notice_a_client_that_
     # Answered (to nobody) as a 499 the access line reports, not logged as a server error.
     rendered = render(info.value, "rid")
     assert rendered.status_code == 499
+
+
+def test_app_state_reads_follow_every_write() -> None:
+    state = AppState({"settings": 1, "copy": "a key named like a method"})
+    state.backends = 2
+    state["history"] = 3
+    state.update(limiter=4)
+    state.setdefault("usage", 5)
+    assert (state.settings, state.backends, state.history, state.limiter, state.usage) == (1, 2, 3, 4, 5)
+    state.settings, state["backends"], state.history = 6, 7, 8  # each overwritten another way
+    state.update(usage=9)
+    assert (state.settings, state.backends, state.history, state.usage) == (6, 7, 8, 9)
+    del state.history
+    del state["limiter"]
+    state.pop("usage")
+    for gone in ("history", "limiter", "usage"):
+        assert gone not in state
+        with pytest.raises(AttributeError):
+            getattr(state, gone)
+    assert state["copy"] == "a key named like a method" and state.copy()["settings"] == 6
+    assert isinstance(create_app(Settings()).state, AppState)
