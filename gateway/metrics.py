@@ -158,6 +158,7 @@ class Metrics:
         if reply is None:
             self._done.append((route, status, duration, model, backend, key, None, 0.0, (), None, 0))
         else:
+            # A copy: a resumable generation goes on adding to its reply after its client left.
             gaps = reply.gaps[:] if reply.gaps else ()
             self._done.append(
                 (

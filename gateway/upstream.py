@@ -40,7 +40,7 @@ async def open_response(
     total: float | None = None,
 ) -> httpx.Response:
     """The backend's response to ``body`` sent to ``path``: once its headers are in, for a stream;
-    read whole, for the rest. ``total`` bounds a non-streamed answer (``httpx.ReadTimeout``)."""
+    read whole, for the rest, within ``total`` seconds (else :class:`~gateway.errors.UpstreamTimeout`)."""
     client = backend.client
     transport = client._transport
     accept = b"text/event-stream" if stream else b"application/json"
