@@ -27,7 +27,7 @@ class EventSplitter:
         """Complete events in ``chunk`` (with what was left of the previous one), each ending in
         ``\\n\\n``; an incomplete tail is kept for the next call."""
         buffer = self._buffer + chunk if self._buffer else chunk
-        if b"\r" in buffer:
+        if buffer.find(b"\r") >= 0:  # find(): ``in`` on bytes costs twice as much (relay.py, _observe)
             buffer = _normalise(buffer)
         end = buffer.rfind(b"\n\n")
         if end < 0:
