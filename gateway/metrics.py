@@ -156,25 +156,19 @@ class Metrics:
         takes a lock and checks the metric for each update, seven or more a request, where a fold
         makes one update per series for the whole batch."""
         if reply is None:
-            self._done.append((route, status, duration, model, backend, key, None, 0.0, (), None, 0))
+            first_token, upstream_time, gaps, usage, retries = None, 0.0, (), None, 0
         else:
+            first_token, upstream_time, usage, retries = (
+                reply.first_token,
+                reply.upstream_time,
+                reply.usage,
+                reply.retries,
+            )
             # A copy: a resumable generation goes on adding to its reply after its client left.
             gaps = reply.gaps[:] if reply.gaps else ()
-            self._done.append(
-                (
-                    route,
-                    status,
-                    duration,
-                    model,
-                    backend,
-                    key,
-                    reply.first_token,
-                    reply.upstream_time,
-                    gaps,
-                    reply.usage,
-                    reply.retries,
-                )
-            )
+        self._done.append(
+            (route, status, duration, model, backend, key, first_token, upstream_time, gaps, usage, retries)
+        )
         if len(self._done) >= _FOLD_EVERY:
             self.fold()
 

@@ -219,8 +219,9 @@ async def _unary(
     content = response.content
     background = None
     reply.backend = backend.name
-    reply.upstream_time += time.monotonic() - sent
-    reply.first_token = time.monotonic() - reply.started
+    now = time.monotonic()
+    reply.upstream_time += now - sent
+    reply.first_token = now - reply.started
     try:
         reply.observe_completion(decode_completion(content))
     except msgspec.DecodeError:
