@@ -26,7 +26,7 @@ from typing import Any
 
 from redis.exceptions import NoScriptError, ResponseError
 
-__all__ = ["BatchedScript", "Call", "ScriptBatch", "run_scripts"]
+__all__ = ["BatchedScript", "Call", "ScriptBatch", "run_scripts", "send_commands"]
 
 Call = tuple[Any, Sequence[Any], Sequence[Any]]
 """A script from ``register_script``, its keys, its arguments."""
@@ -34,7 +34,7 @@ Call = tuple[Any, Sequence[Any], Sequence[Any]]
 
 async def run_scripts(redis: Any, calls: Sequence[Call], connection: Any = None) -> list[Any]:
     """Each call's result, or the error it raised, in order; a connection error raises. On
-    ``connection`` (one the caller holds, see :class:`ScriptBatch`) rather than a pooled one."""
+    ``connection`` (one the caller holds, see :func:`send_commands`) rather than a pooled one."""
     send = _pipelined if connection is None else functools.partial(_sent_on, connection)
     results = await send(redis, calls)
     missing = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
@@ -54,19 +54,24 @@ async def _pipelined(redis: Any, calls: Sequence[Call]) -> list[Any]:
 
 
 async def _sent_on(connection: Any, redis: Any, calls: Sequence[Call]) -> list[Any]:
-    """What :func:`_pipelined` does, on a connection held rather than taken from the pool for each
-    batch: redis-py's pipeline and pool cost about 60 us a round trip (``python -m
+    return await send_commands(
+        connection, [("EVALSHA", script.sha, len(keys), *keys, *args) for script, keys, args in calls]
+    )
+
+
+async def send_commands(connection: Any, commands: Sequence[Sequence[Any]]) -> list[Any]:
+    """Each command's raw reply, or the ``ResponseError`` it got, in order, in one round trip on a
+    connection the caller holds, taken from the pool once rather than for each round trip:
+    redis-py's pipeline and pool cost about 60 us a round trip (``python -m
     tests.bench.redis_calls``), where the round trip itself costs about as much. A broken
     connection is retried as redis-py's own calls are: by the connection's retry policy."""
-    packed = connection.pack_commands(
-        [("EVALSHA", script.sha, len(keys), *keys, *args) for script, keys, args in calls]
-    )
+    packed = connection.pack_commands(commands)
 
     async def attempt() -> list[Any]:
         try:
             await connection.send_packed_command(packed)
             results: list[Any] = []
-            for _ in calls:
+            for _ in commands:
                 try:
                     results.append(await connection.read_response())
                 except ResponseError as exc:

@@ -31,7 +31,9 @@ before writing rely on owners never changing; the write itself checks the record
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import re
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 from urllib.parse import quote
@@ -41,7 +43,7 @@ from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError
 
-from gateway.scripts import Call, run_scripts
+from gateway.scripts import Call, run_scripts, send_commands
 from gateway.stores.base import (
     CompletionRecord,
     ConversationRecord,
@@ -62,6 +64,8 @@ _conversation = msgspec.json.Decoder(ConversationRecord)
 _item = msgspec.json.Decoder(dict[str, Any])
 _encode = msgspec.json.encode
 
+# Tenants and users whose key names are kept, escaped; past it, the names start again.
+_NAMES_KEPT = 10_000
 # A filtered listing reads the index this many entries at a time until the page is full.
 _SCAN_BATCH = 100
 # default_conversation retries when another call moved the pointer first; two rounds settle it.
@@ -217,7 +221,12 @@ def _unavailable() -> Iterator[None]:
 
 
 def _escape(value: str) -> str:
-    return quote(value, safe="")
+    # Most names (generated ids, plain user names) need no escaping, and the check costs a third
+    # of quote()'s call for every key named.
+    return value if _PLAIN(value) else quote(value, safe="")
+
+
+_PLAIN = re.compile(r"[A-Za-z0-9_.~-]*").fullmatch
 
 
 def _text(value: bytes | str) -> str:
@@ -234,9 +243,18 @@ class _Keys:
 
     def __init__(self, prefix: str, tenant: str) -> None:
         self._base = f"{prefix}:{{{_escape(tenant)}}}"
+        self._owners: dict[str, str] = {}
+        """Each user's part of the names, escaped once: every exchange names its user's indexes."""
 
     def _owner(self, user: str | None) -> str:
-        return self._base if user is None else f"{self._base}:u:{_escape(user)}"
+        if user is None:
+            return self._base
+        owner = self._owners.get(user)
+        if owner is None:
+            if len(self._owners) > _NAMES_KEPT:
+                self._owners.clear()
+            owner = self._owners[user] = f"{self._base}:u:{_escape(user)}"
+        return owner
 
     @property
     def seq(self) -> str:
@@ -304,7 +322,8 @@ class _SaveBatch:
         if conversation is not None and items:
             indexes[3:] = map(self._key, names.conversation_keys(conversation))
             values += items
-        head = " ".join(map(str, [*indexes, score, *map(len, values)]))
+        c, cs, ucs, v, vi, vs, uvs = indexes
+        head = f"{c} {cs} {ucs} {v} {vi} {vs} {uvs} {score} {' '.join([str(len(value)) for value in values])}"
         self.args.append(b"".join([head.encode(), b"\n", *values]))
 
 
@@ -341,9 +360,19 @@ class RedisStore:
         self._create = redis.register_script(_CREATE)
         self._remove_item = redis.register_script(_REMOVE_ITEM)
         self._page = redis.register_script(_PAGE)
+        # The history writer's batches go out on one connection, taken from the pool once: a
+        # redis-py pipeline costs as much CPU as the round trip itself (see gateway/scripts.py).
+        self._writing = asyncio.Lock()
+        self._connection: Any = None
+        self._tenants: dict[str, _Keys] = {}
 
     def _keys(self, tenant: str) -> _Keys:
-        return _Keys(self._prefix, tenant)
+        keys = self._tenants.get(tenant)
+        if keys is None:
+            if len(self._tenants) > _NAMES_KEPT:
+                self._tenants.clear()
+            keys = self._tenants[tenant] = _Keys(self._prefix, tenant)
+        return keys
 
     async def ping(self) -> None:
         with _unavailable():
@@ -355,52 +384,67 @@ class RedisStore:
     async def save_many(self, exchanges: list[Exchange]) -> None:
         refused: dict[int, Exception] = {}
         with _unavailable():
-            # One round trip for what each script needs to know first: the seqs, one INCRBY per
-            # tenant for the whole batch, and who owns each conversation (its user index is among
-            # the keys the script refreshes) ...
-            tenants: dict[str, list[int]] = {}
-            conversation_at: dict[int, int] = {}
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for n, exchange in enumerate(exchanges):
-                    if exchange.completion is not None:
-                        tenants.setdefault(exchange.completion.tenant, []).append(n)
-                    if exchange.conversation is not None and exchange.items:
-                        conversation_at[n] = len(pipe.command_stack)
-                        pipe.get(self._keys(self._tenant(exchange)).conversation(exchange.conversation))
-                seq_at: dict[str, int] = {}
-                for tenant, members in tenants.items():
-                    seq_at[tenant] = len(pipe.command_stack)
-                    self._next_seq(pipe, self._keys(tenant), len(members))
-                replies = await pipe.execute()
-            seqs: dict[int, int] = {}
-            for tenant, members in tenants.items():
-                last = replies[seq_at[tenant]]
-                for seq, n in enumerate(members, start=last - len(members) + 1):
-                    seqs[n] = seq
-            # ... and one for the writes: a script call per tenant, each exchange still atomic.
-            batches: dict[str, _SaveBatch] = {}
-            for n, exchange in enumerate(exchanges):
-                tenant = self._tenant(exchange)
-                batch = batches.get(tenant)
-                if batch is None:
-                    batch = batches[tenant] = _SaveBatch(self._keys(tenant), [self._ttl_ms, self._max_items])
-                batch.exchanges.append(n)
-                completion = exchange.completion
-                record = None if completion is None else msgspec.structs.replace(completion, seq=seqs[n])
-                at = conversation_at.get(n)
-                conversation = None
-                if at is not None and replies[at] is not None:
-                    conversation = _conversation.decode(replies[at])
-                batch.add(record, conversation, [_encode(item) for item in exchange.items])
-            calls: list[Call] = [(self._save, batch.keys, batch.args) for batch in batches.values()]
-            for batch, result in zip(batches.values(), await run_scripts(self._redis, calls), strict=True):
-                if isinstance(result, Exception):
-                    raise result
-                outcomes = zip(batch.exchanges, result, strict=True)
-                refused.update((n, outcome) for n, outcome in outcomes if isinstance(outcome, Exception))
+            async with self._writing:
+                if self._connection is None:
+                    self._connection = await self._redis.connection_pool.get_connection()
+                refused = await self._save_on(self._connection, exchanges)
         # Outside _unavailable: a refusal is not an outage, and retrying will not help.
         if refused:
             raise ExchangesRefused(refused)
+
+    async def _save_on(self, connection: Any, exchanges: list[Exchange]) -> dict[int, Exception]:
+        """The exchanges each refused, by position; the rest are written."""
+        # One round trip for what each script needs to know first: the seqs, one INCRBY per tenant
+        # for the whole batch, and who owns each conversation (its user index is among the keys the
+        # script refreshes) ...
+        tenants: dict[str, list[int]] = {}
+        conversation_at: dict[int, int] = {}
+        commands: list[tuple[Any, ...]] = []
+        for n, exchange in enumerate(exchanges):
+            if exchange.completion is not None:
+                tenants.setdefault(exchange.completion.tenant, []).append(n)
+            if exchange.conversation is not None and exchange.items:
+                conversation_at[n] = len(commands)
+                commands.append(("GET", self._keys(self._tenant(exchange)).conversation(exchange.conversation)))
+        seq_at: dict[str, int] = {}
+        for tenant, members in tenants.items():
+            seq_at[tenant] = len(commands)
+            seq_key = self._keys(tenant).seq
+            commands.append(("INCRBY", seq_key, len(members)))
+            if self._ttl_ms:
+                commands.append(("PEXPIRE", seq_key, self._ttl_ms))
+        replies = await send_commands(connection, commands) if commands else []
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        seqs: dict[int, int] = {}
+        for tenant, members in tenants.items():
+            last = replies[seq_at[tenant]]
+            for seq, n in enumerate(members, start=last - len(members) + 1):
+                seqs[n] = seq
+        # ... and one for the writes: a script call per tenant, each exchange still atomic.
+        batches: dict[str, _SaveBatch] = {}
+        for n, exchange in enumerate(exchanges):
+            tenant = self._tenant(exchange)
+            batch = batches.get(tenant)
+            if batch is None:
+                batch = batches[tenant] = _SaveBatch(self._keys(tenant), [self._ttl_ms, self._max_items])
+            batch.exchanges.append(n)
+            completion = exchange.completion
+            record = None if completion is None else msgspec.structs.replace(completion, seq=seqs[n])
+            at = conversation_at.get(n)
+            conversation = None
+            if at is not None and replies[at] is not None:
+                conversation = _conversation.decode(replies[at])
+            batch.add(record, conversation, [_encode(item) for item in exchange.items])
+        calls: list[Call] = [(self._save, batch.keys, batch.args) for batch in batches.values()]
+        refused: dict[int, Exception] = {}
+        for batch, result in zip(batches.values(), await run_scripts(self._redis, calls, connection), strict=True):
+            if isinstance(result, Exception):
+                raise result
+            outcomes = zip(batch.exchanges, result, strict=True)
+            refused.update((n, outcome) for n, outcome in outcomes if isinstance(outcome, Exception))
+        return refused
 
     @staticmethod
     def _tenant(exchange: Exchange) -> str:
