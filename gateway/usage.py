@@ -85,24 +85,32 @@ class RedisUsage:
         self._ttl = int(ttl_seconds) if ttl_seconds else None
         self._prefix = prefix
         self._interval = interval
-        self._pending: collections.Counter[tuple[str, str, str, str]] = collections.Counter()
+        self._pending: dict[tuple[str, str, str], list[int]] = {}
+        """Counts not flushed yet: requests, prompt and completion tokens (``_MEASURES``), by day,
+        key and model."""
         self._names: dict[str, str] = {}
 
     async def add(self, key_id: str, key_name: str, model: str, prompt: int, completion: int) -> None:
-        day = day_of(time.time())
-        for measure, value in zip(_MEASURES, (1, prompt, completion), strict=True):
-            self._pending[(day, key_id, model, measure)] += value
+        row = (day_of(time.time()), key_id, model)
+        counts = self._pending.get(row)
+        if counts is None:
+            self._pending[row] = [1, prompt, completion]
+        else:
+            counts[0] += 1
+            counts[1] += prompt
+            counts[2] += completion
         self._names[key_id] = key_name
 
     async def flush(self) -> None:
         if not self._pending:
             return
         pending, names = self._pending, self._names
-        self._pending, self._names = collections.Counter(), {}
+        self._pending, self._names = {}, {}
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
-                for (day, key_id, model, measure), value in pending.items():
-                    pipe.hincrby(f"{self._prefix}:{day}", f"{key_id}|{model}|{measure}", value)
+                for (day, key_id, model), counts in pending.items():
+                    for measure, value in zip(_MEASURES, counts, strict=True):
+                        pipe.hincrby(f"{self._prefix}:{day}", f"{key_id}|{model}|{measure}", value)
                 for day in {day for day, *_ in pending}:
                     pipe.sadd(f"{self._prefix}:days", day)
                     if self._ttl:
@@ -111,7 +119,10 @@ class RedisUsage:
                 await pipe.execute()
         except (RedisError, OSError) as exc:
             log.warning("usage counts kept for later, Redis failed: %s", exc)
-            self._pending.update(pending)
+            for row, counts in pending.items():
+                kept = self._pending.setdefault(row, [0, 0, 0])
+                for i, value in enumerate(counts):
+                    kept[i] += value
             self._names = names | self._names
 
     async def run(self) -> None:
