@@ -72,7 +72,8 @@ def test_unlimited_is_unlimited() -> None:
 
 
 @pytest.mark.parametrize(
-    ("seconds", "text"), [(0.02, "20ms"), (1, "1s"), (59.25, "59.2s"), (360, "6m0s"), (61.5, "1m1.5s")]
+    ("seconds", "text"),
+    [(0.02, "20ms"), (1, "1s"), (59.25, "59.2s"), (360, "6m0s"), (61.5, "1m1.5s"), (3.05, "3s"), (125.04, "2m5s")],
 )
 def test_reset_written_like_openai(seconds: float, text: str) -> None:
     assert reset_text(seconds) == text
