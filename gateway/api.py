@@ -223,7 +223,7 @@ async def _forward(
         span.end(reply)
         usage = reply.usage
         if admission is not None:
-            await admission.settle(usage.prompt_tokens + usage.completion_tokens if usage else None)
+            admission.settle(usage.prompt_tokens + usage.completion_tokens if usage else None)
         if state.accounting:
             await state.usage.add(
                 principal.key_id,
@@ -253,7 +253,7 @@ async def _forward(
             )
     except GatewayError as exc:
         if admission is not None:
-            await admission.settle(0)  # nothing was generated: give the tokens back, free the slot
+            admission.settle(0)  # nothing was generated: give the tokens back, free the slot
             exc.headers = {**admission.headers, **exc.headers}
         raise
 

@@ -192,6 +192,8 @@ def create_app(
             stack.push_async_callback(history.drain, _HISTORY_DRAIN_SECONDS)
             if isinstance(app.state.usage, RedisUsage):
                 stack.push_async_callback(app.state.usage.flush)
+            if isinstance(app.state.limiter, RedisLimiter):
+                stack.push_async_callback(app.state.limiter.drain)  # the last replies' settlements
             # ... and before that, resumable generations get the grace period; then they stop, readable.
             stack.push_async_callback(generations.shutdown, settings.shutdown.grace_period)
             # What start-up built lives as long as the app: keep it out of every collection, so a

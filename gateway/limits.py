@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -123,19 +124,20 @@ class Admission:
     def headers(self) -> dict[str, str]:
         return headers(self.limits, self.state, self.window)
 
-    async def settle(self, used_tokens: int | None) -> None:
-        """Book the real usage (None: keep the estimate) and free the parallel slot."""
+    def settle(self, used_tokens: int | None) -> None:
+        """Book the real usage (None: keep the estimate) and free the parallel slot. Sent, not
+        waited for: nothing the request does next depends on it."""
         if self.settled:
             return
         self.settled = True
         delta = 0 if used_tokens is None else used_tokens - self.reserved
-        try:
-            await self.limiter.settle(
-                self.key_id, self.limits, self.request_id, delta, self.window, local=self.state.local
-            )
-        except Exception as exc:
-            # The lease expires on its own; a lost token correction only skews one window.
-            log.warning("could not settle rate limits of request %s: %s", self.request_id, exc)
+        self.limiter.settle_soon(
+            self.key_id, self.limits, self.request_id, delta, self.window, self._failed, local=self.state.local
+        )
+
+    def _failed(self, exc: Exception) -> None:
+        # The lease expires on its own; a lost token correction only skews one window.
+        log.warning("could not settle rate limits of request %s: %s", self.request_id, exc)
 
 
 def headers(limits: Limits, state: State, window: float) -> dict[str, str]:
@@ -180,7 +182,21 @@ class Limiter(Protocol):
 
     async def settle(
         self, key_id: str, limits: Limits, request_id: str, delta: int, window: float, *, local: bool = False
-    ) -> None: ...
+    ) -> None:
+        """Book ``delta`` more tokens (fewer when negative) and free the request's parallel slot."""
+
+    def settle_soon(
+        self,
+        key_id: str,
+        limits: Limits,
+        request_id: str,
+        delta: int,
+        window: float,
+        failed: Callable[[Exception], None],
+        *,
+        local: bool = False,
+    ) -> None:
+        """:meth:`settle`, started but not waited for; ``failed`` hears of its error."""
 
 
 class MemoryLimiter:
@@ -221,6 +237,22 @@ class MemoryLimiter:
     async def settle(
         self, key_id: str, limits: Limits, request_id: str, delta: int, window: float, *, local: bool = False
     ) -> None:
+        self._settle(key_id, limits, request_id, delta, window)
+
+    def settle_soon(
+        self,
+        key_id: str,
+        limits: Limits,
+        request_id: str,
+        delta: int,
+        window: float,
+        failed: Callable[[Exception], None],
+        *,
+        local: bool = False,
+    ) -> None:
+        self._settle(key_id, limits, request_id, delta, window)
+
+    def _settle(self, key_id: str, limits: Limits, request_id: str, delta: int, window: float) -> None:
         self._leases.get(key_id, {}).pop(request_id, None)
         if limits.tpm and delta:
             now = self._clock()
@@ -228,7 +260,7 @@ class MemoryLimiter:
             self._tats[(key_id, "t")] = max(now, max(tat, now) + delta * window / limits.tpm)
 
 
-# KEYS: request tat, token tat, leases. ARGS: window, rpm, tpm, max_parallel, tokens, request id, lease.
+# KEYS: request tat, token tat, leases. ARGS: window, rpm, tpm, max_parallel, lease, tokens, request id.
 # Returns "status wait now request-tat token-tat", one string: Redis truncates Lua numbers to integers
 # on the way out, and one string costs Redis less to return than five. Times are written with 17
 # digits: tostring's 14 round a tat near 1.7e9 s to 0.1 ms, and a burst of calls microseconds apart
@@ -241,7 +273,7 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local window = tonumber(ARGS[1])
 local rpm, tpm, parallel = tonumber(ARGS[2]), tonumber(ARGS[3]), tonumber(ARGS[4])
-local tokens = tonumber(ARGS[5])
+local tokens = tonumber(ARGS[6])
 local rtat = tonumber(redis.call('GET', KEYS[1]) or now)
 local ttat = tonumber(redis.call('GET', KEYS[2]) or now)
 local function out(status, wait, r, k)
@@ -265,8 +297,8 @@ local function exact(x) return string.format('%.17g', x) end
 if rpm > 0 then redis.call('SET', KEYS[1], exact(nr), 'PX', math.ceil((nr - now + 1) * 1000)) end
 if tpm > 0 then redis.call('SET', KEYS[2], exact(nt), 'PX', math.ceil((nt - now + 1) * 1000)) end
 if parallel > 0 then
-  local lease = tonumber(ARGS[7])
-  redis.call('ZADD', KEYS[3], math.floor((now + lease) * 1000), ARGS[6])
+  local lease = tonumber(ARGS[5])
+  redis.call('ZADD', KEYS[3], math.floor((now + lease) * 1000), ARGS[7])
   redis.call('PEXPIRE', KEYS[3], math.ceil(lease * 1000))
 end
 return out(1, 0, nr, nt)
@@ -308,6 +340,7 @@ class RedisLimiter:
         self._admissions = ScriptBatch(redis)
         self._settlements = ScriptBatch(redis)
         self._names: dict[str, tuple[str, str, str]] = {}
+        self._texts: dict[tuple[int, int, int, float, float], tuple[str, str]] = {}
 
     def _keys(self, key_id: str) -> tuple[str, str, str]:
         """The key's request tat, token tat and leases; named once per key, not at each admission
@@ -320,10 +353,25 @@ class RedisLimiter:
             keys = self._names[key_id] = (f"{base}:r", f"{base}:t", f"{base}:p")
         return keys
 
+    def _arguments(self, limits: Limits, window: float) -> tuple[str, str]:
+        """The admission's leading arguments and the settlement's trailing ones, as the scripts take
+        them: the same for every request of a key."""
+        key = (limits.rpm, limits.tpm, limits.max_parallel, window, LEASE_SECONDS)
+        texts = self._texts.get(key)
+        if texts is None:
+            if len(self._texts) > 10_000:
+                self._texts.clear()
+            texts = self._texts[key] = (
+                f"{window}\n{limits.rpm}\n{limits.tpm}\n{limits.max_parallel}\n{LEASE_SECONDS}\n",
+                f"\n{window}\n{limits.tpm}",
+            )
+        return texts
+
     async def admit(self, key_id: str, limits: Limits, request_id: str, tokens: int, window: float) -> State:
-        args = [window, limits.rpm, limits.tpm, limits.max_parallel, tokens, request_id, LEASE_SECONDS]
+        # window, rpm, tpm, max_parallel, lease, tokens, request id: as _ADMIT reads them
+        packed = f"{self._arguments(limits, window)[0]}{tokens}\n{request_id}"
         try:
-            answer = await self._admissions.run(self._admit, self._keys(key_id), args)
+            answer = await self._admissions.run_packed(self._admit, self._keys(key_id), packed)
         except (RedisError, OSError) as exc:
             return await self._unavailable(exc, key_id, limits, request_id, tokens, window)
         if self.degraded is not None:
@@ -365,4 +413,32 @@ class RedisLimiter:
             assert self._fallback is not None
             await self._fallback.settle(key_id, limits, request_id, delta, window)
             return
-        await self._settlements.run(self._settle, self._keys(key_id)[1:], [request_id, delta, window, limits.tpm])
+        await self._settlements.run_packed(
+            self._settle, self._keys(key_id)[1:], self._settlement(limits, request_id, delta, window)
+        )
+
+    def settle_soon(
+        self,
+        key_id: str,
+        limits: Limits,
+        request_id: str,
+        delta: int,
+        window: float,
+        failed: Callable[[Exception], None],
+        *,
+        local: bool = False,
+    ) -> None:
+        if local:
+            assert self._fallback is not None
+            self._fallback.settle_soon(key_id, limits, request_id, delta, window, failed)
+            return
+        packed = self._settlement(limits, request_id, delta, window)
+        self._settlements.send(self._settle, self._keys(key_id)[1:], packed, failed)
+
+    def _settlement(self, limits: Limits, request_id: str, delta: int, window: float) -> str:
+        # request id, token delta, window, tpm: as _SETTLE reads them
+        return f"{request_id}\n{delta}{self._arguments(limits, window)[1]}"
+
+    async def drain(self) -> None:
+        """Until the settlements sent so far have been answered: at shutdown, and in tests."""
+        await self._settlements.drain()

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from redis.exceptions import NoScriptError, ResponseError
@@ -30,6 +30,9 @@ __all__ = ["BatchedScript", "Call", "ScriptBatch", "run_scripts", "send_commands
 
 Call = tuple[Any, Sequence[Any], Sequence[Any]]
 """A script from ``register_script``, its keys, its arguments."""
+
+Failed = Callable[[Exception], None]
+"""Told the error of a call sent with :meth:`ScriptBatch.send`."""
 
 
 async def run_scripts(redis: Any, calls: Sequence[Call], connection: Any = None) -> list[Any]:
@@ -134,7 +137,7 @@ class ScriptBatch:
 
     def __init__(self, redis: Any) -> None:
         self._redis = redis
-        self._pending: list[tuple[BatchedScript, Sequence[str], str, asyncio.Future[Any]]] = []
+        self._pending: list[tuple[BatchedScript, Sequence[str], str, asyncio.Future[Any] | Failed]] = []
         self._writer: asyncio.Task[None] | None = None
         self._connection: Any = None
         """Taken from the client's pool once and kept: one batch is on its way at a time. The pool
@@ -144,14 +147,33 @@ class ScriptBatch:
         """``script`` on ``keys`` and ``args``: its result, or its error."""
         if len(args) != script.width:
             raise ValueError(f"the script takes {script.width} arguments, not {len(args)}")
-        packed = "\n".join(map(str, args))
-        if packed.count("\n") != max(script.width - 1, 0):
-            raise ValueError("a batched script's argument holds a newline")
+        return await self.run_packed(script, keys, "\n".join(map(str, args)))
+
+    async def run_packed(self, script: BatchedScript, keys: Sequence[str], packed: str) -> Any:
+        """:meth:`run` with the arguments already joined by newlines, for a caller that keeps the
+        parts that do not change between its calls: formatting a float costs more than the call's
+        share of the round trip."""
         done = asyncio.get_running_loop().create_future()
+        self._add(script, keys, packed, done)
+        return await done
+
+    def send(self, script: BatchedScript, keys: Sequence[str], packed: str, failed: Failed) -> None:
+        """:meth:`run_packed` for a caller that does not need the answer: it goes in the next batch,
+        and ``failed`` hears of its error. No future is made and no caller resumes for it.
+        :meth:`drain` waits until it has been answered."""
+        self._add(script, keys, packed, failed)
+
+    def _add(self, script: BatchedScript, keys: Sequence[str], packed: str, done: asyncio.Future[Any] | Failed) -> None:
+        if packed.count("\n") != max(script.width - 1, 0):
+            raise ValueError(f"the script takes {script.width} arguments without a newline")
         self._pending.append((script, keys, packed, done))
         if self._writer is None:
             self._writer = asyncio.create_task(self._write())
-        return await done
+
+    async def drain(self) -> None:
+        """Until every call made so far has been answered (or has failed)."""
+        while self._writer is not None:
+            await asyncio.shield(self._writer)
 
     async def _write(self) -> None:
         try:
@@ -173,10 +195,13 @@ class ScriptBatch:
                 for members, result in zip(groups.values(), results, strict=True):
                     for n, i in enumerate(members):
                         done = batch[i][3]
-                        if done.done():
-                            continue
                         outcome = result if isinstance(result, Exception) else result[n]
-                        if isinstance(outcome, Exception):
+                        if not isinstance(done, asyncio.Future):
+                            if isinstance(outcome, Exception):
+                                done(outcome)
+                        elif done.done():
+                            continue  # its caller was cancelled
+                        elif isinstance(outcome, Exception):
                             done.set_exception(outcome)
                         else:
                             done.set_result(outcome)

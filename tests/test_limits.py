@@ -14,7 +14,17 @@ from hypothesis import strategies as st
 
 import gateway.limits
 from gateway.errors import RateLimited, ServiceUnavailable
-from gateway.limits import Limits, MemoryLimiter, RedisLimiter, gcra, remaining, reset_text, retry_after
+from gateway.limits import (
+    Admission,
+    Limits,
+    MemoryLimiter,
+    RedisLimiter,
+    State,
+    gcra,
+    remaining,
+    reset_text,
+    retry_after,
+)
 from tests.conftest import RedisServer, free_port
 
 WINDOW = 60.0
@@ -225,6 +235,31 @@ async def test_redis_down_fails_closed_with_503() -> None:
     with pytest.raises(ServiceUnavailable) as info:
         await RedisLimiter(client, fallback=None).admit("k", Limits(rpm=1), "a", 1, WINDOW)
     assert info.value.code == "rate_limits_unavailable"
+    await client.aclose()
+
+
+async def test_an_admission_settles_once_without_waiting(limiter: MemoryLimiter | RedisLimiter) -> None:
+    """The request does not wait for its settlement; the settlement still frees the slot and gives
+    back the unused tokens, once however often it is asked."""
+    limits = Limits(tpm=1000, max_parallel=1)
+    state = await limiter.admit("k", limits, "a", 900, WINDOW)
+    admission = Admission(limiter, "k", limits, "a", 900, WINDOW, state)
+    admission.settle(100)  # the reply used 100 of the 900 reserved
+    admission.settle(100)
+    if isinstance(limiter, RedisLimiter):
+        await limiter.drain()
+    await limiter.admit("k", limits, "b", 900, WINDOW)  # a free slot, and 100 + 900 tokens fit
+    with pytest.raises(RateLimited):
+        await limiter.admit("k", Limits(tpm=1000), "c", 1, WINDOW)  # given back once only
+
+
+async def test_a_settlement_redis_refuses_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    client = redis.asyncio.Redis(port=free_port(), socket_connect_timeout=0.2)
+    limiter = RedisLimiter(client, fallback=None)
+    admission = Admission(limiter, "k", Limits(max_parallel=1), "req-1", 10, WINDOW, State(0.0, 0.0, 0.0))
+    admission.settle(5)
+    await limiter.drain()
+    assert "could not settle rate limits of request req-1" in caplog.text
     await client.aclose()
 
 

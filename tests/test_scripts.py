@@ -109,3 +109,41 @@ async def test_a_batch_carries_on_when_redis_comes_back(tmp_path: Path) -> None:
     finally:
         await client.aclose()
         server.stop()
+
+
+async def test_calls_sent_without_waiting_land_and_report_their_errors(redis_module: RedisServer) -> None:
+    """``send`` shares batches with ``run``: its calls run in order with the others, nothing waits
+    for them but ``drain``, and a failed one is reported to its own callback."""
+    redis_module.flush()
+    client = redis.asyncio.Redis.from_url(redis_module.url)
+    batch = ScriptBatch(client)
+    append = BatchedScript(client, "redis.call('RPUSH', KEYS[1], ARGS[1]); return tonumber(ARGS[2]) + 1", 2)
+    await client.script_load(append.script.script)
+    await client.config_resetstat()
+    failures: list[tuple[str, Exception]] = []
+    batch.send(append, ["log"], "a\n1", lambda exc: failures.append(("a", exc)))
+    batch.send(append, ["log"], "b\nnot a number", lambda exc: failures.append(("b", exc)))
+    assert await batch.run(append, ["log"], ["c", 2]) == 3
+    assert await client.lrange("log", 0, -1) == [b"a", b"b", b"c"]
+    assert (await client.info("commandstats"))["cmdstat_evalsha"]["calls"] == 1  # all three in one batch
+    assert [name for name, _ in failures] == ["b"]
+    assert isinstance(failures[0][1], redis.exceptions.ResponseError)
+    batch.send(append, ["log"], "d\n3", lambda exc: failures.append(("d", exc)))
+    await batch.drain()
+    assert await client.lrange("log", 0, -1) == [b"a", b"b", b"c", b"d"]
+    with pytest.raises(ValueError, match="newline"):
+        batch.send(append, ["log"], "one argument", lambda exc: None)
+    await batch.drain()  # nothing under way: returns at once
+    await client.aclose()
+
+
+async def test_calls_sent_without_waiting_hear_that_redis_is_unreachable() -> None:
+    client = redis.asyncio.Redis(port=free_port(), socket_connect_timeout=0.2)
+    batch = ScriptBatch(client)
+    script = BatchedScript(client, "return 1", 0)
+    failures: list[Exception] = []
+    for _ in range(3):
+        batch.send(script, ["k"], "", failures.append)
+    await batch.drain()
+    assert len(failures) == 3 and all(isinstance(exc, redis.exceptions.ConnectionError) for exc in failures)
+    await client.aclose()
