@@ -40,13 +40,19 @@ async def test_scripts_redis_forgot_are_loaded_and_their_calls_run_once(redis_mo
     await client.aclose()
 
 
-async def test_a_batch_runs_each_call_once_in_order_and_isolates_failures(redis_module: RedisServer) -> None:
-    redis_module.flush()
-    client = redis.asyncio.Redis.from_url(redis_module.url)
-    batch = ScriptBatch(client)
+async def _appending(server: RedisServer) -> tuple[redis.asyncio.Redis, ScriptBatch, BatchedScript]:
+    """A client on an empty Redis with fresh command counts, a batch, and a batched script that
+    pushes ARGS[1] onto KEYS[1] and returns ARGS[2] + 1."""
+    server.flush()
+    client = redis.asyncio.Redis.from_url(server.url)
     append = BatchedScript(client, "redis.call('RPUSH', KEYS[1], ARGS[1]); return tonumber(ARGS[2]) + 1", 2)
     await client.script_load(append.script.script)
     await client.config_resetstat()
+    return client, ScriptBatch(client), append
+
+
+async def test_a_batch_runs_each_call_once_in_order_and_isolates_failures(redis_module: RedisServer) -> None:
+    client, batch, append = await _appending(redis_module)
     results = await asyncio.gather(
         batch.run(append, ["log"], ["a", 1]),
         batch.run(append, ["log"], ["b", "not a number"]),  # its push happened; its return failed
@@ -114,12 +120,7 @@ async def test_a_batch_carries_on_when_redis_comes_back(tmp_path: Path) -> None:
 async def test_calls_sent_without_waiting_land_and_report_their_errors(redis_module: RedisServer) -> None:
     """``send`` shares batches with ``run``: its calls run in order with the others, nothing waits
     for them but ``drain``, and a failed one is reported to its own callback."""
-    redis_module.flush()
-    client = redis.asyncio.Redis.from_url(redis_module.url)
-    batch = ScriptBatch(client)
-    append = BatchedScript(client, "redis.call('RPUSH', KEYS[1], ARGS[1]); return tonumber(ARGS[2]) + 1", 2)
-    await client.script_load(append.script.script)
-    await client.config_resetstat()
+    client, batch, append = await _appending(redis_module)
     failures: list[tuple[str, Exception]] = []
     batch.send(append, ["log"], "a\n1", lambda exc: failures.append(("a", exc)))
     batch.send(append, ["log"], "b\nnot a number", lambda exc: failures.append(("b", exc)))
