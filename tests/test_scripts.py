@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
+import time
 from pathlib import Path
 
 import pytest
 import redis.asyncio
+import redis.asyncio.connection
 import redis.exceptions
+from hypothesis import given
+from hypothesis import strategies as st
 
-from gateway.scripts import BatchedScript, ScriptBatch, run_scripts
+from gateway.scripts import BatchedScript, ScriptBatch, _pack, run_scripts, send_commands
 from tests.conftest import RedisServer, free_port
 
 
@@ -148,3 +153,45 @@ async def test_calls_sent_without_waiting_hear_that_redis_is_unreachable() -> No
     await batch.drain()
     assert len(failures) == 3 and all(isinstance(exc, redis.exceptions.ConnectionError) for exc in failures)
     await client.aclose()
+
+
+_argument = st.one_of(
+    st.text(), st.binary(), st.integers(), st.floats(allow_nan=False), st.binary().map(memoryview)
+)
+
+
+_command = st.tuples(st.sampled_from(["EVALSHA", "GET", "INCRBY"]), st.lists(_argument, max_size=8)).map(
+    lambda command: [command[0], *command[1]]
+)
+
+
+@given(st.lists(_command, max_size=4))
+def test_commands_are_packed_as_redis_py_packs_them(commands: list[list[object]]) -> None:
+    connection = redis.asyncio.connection.Connection()
+    assert _pack(commands, connection.encoder.encode) == b"".join(connection.pack_commands(commands))
+
+
+async def test_a_round_trip_redis_does_not_answer_times_out(tmp_path: Path) -> None:
+    """A Redis that hangs (paused, here) fails the round trip with redis-py's TimeoutError after the
+    client's socket_timeout, retries included; once it answers again, the same connection works."""
+    server = RedisServer(tmp_path).start()
+    client = redis.asyncio.Redis.from_url(server.url, socket_timeout=0.3, socket_connect_timeout=0.3)
+    connection = await client.connection_pool.get_connection()
+    try:
+        assert await send_commands(connection, [("INCRBY", "n", 2), ("GET", "n")]) == [2, b"2"]
+        assert server.process is not None
+        server.process.send_signal(signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with pytest.raises(redis.exceptions.TimeoutError, match=r"did not answer within 0\.3 s"):
+                await send_commands(connection, [("INCRBY", "n", 1)])
+            assert time.monotonic() - started < 5
+        finally:
+            server.process.send_signal(signal.SIGCONT)
+        replies = await send_commands(connection, [("GET", "n"), ("INCRBY", "text", "x")])
+        assert replies[0] in (b"2", b"3")  # whether the timed-out write ran is Redis's business
+        assert isinstance(replies[1], redis.exceptions.ResponseError)
+    finally:
+        await client.connection_pool.release(connection)
+        await client.aclose()
+        server.stop()
