@@ -288,12 +288,10 @@ class Turn:
             self._history.submit(exchange)
 
     def _exchange(self, reply: Reply) -> Exchange | None:
-        request_messages = self._request_messages()
-        produced = bool(reply.text() or reply.message().get("tool_calls"))
         items: list[dict[str, Any]] = []
-        if self.conversation is not None and (produced or reply.done):
+        if self.conversation is not None and (reply.done or reply.text() or reply.message().get("tool_calls")):
             # A turn whose reply never started is not kept: the client retries it whole.
-            new = conversations.new_turn(self.stored, request_messages)
+            new = conversations.new_turn(self.stored, self._request_messages())
             items = conversations.messages_to_items([*new, reply.message()])
         completion = self._completion(reply, self._sent_messages()) if self.record else None
         if completion is None and not items:

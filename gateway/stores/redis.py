@@ -309,22 +309,23 @@ class _SaveBatch:
 
     def add(self, record: CompletionRecord | None, conversation: ConversationRecord | None, items: list[bytes]) -> None:
         """An exchange: its completion, and its items (JSON) when its conversation exists."""
-        names = self._names
-        indexes = [0] * 7
-        score = 0
-        values = [b"", b""]
+        names, key = self._names, self._key
         if record is not None:
-            indexes[:3] = map(
-                self._key, [names.completion(record.id), names.completions(), names.completions(record.user)]
-            )
+            c, cs, ucs = key(names.completion(record.id)), key(names.completions()), key(names.completions(record.user))
             score = record.created
-            values = [_member(record.seq, record.id).encode(), _encode(record)]
+            member, data = _member(record.seq, record.id).encode(), _encode(record)
+        else:
+            c = cs = ucs = score = 0
+            member = data = b""
+        head = f"{c} {cs} {ucs} "
         if conversation is not None and items:
-            indexes[3:] = map(self._key, names.conversation_keys(conversation))
-            values += items
-        c, cs, ucs, v, vi, vs, uvs = indexes
-        head = f"{c} {cs} {ucs} {v} {vi} {vs} {uvs} {score} {' '.join([str(len(value)) for value in values])}"
-        self.args.append(b"".join([head.encode(), b"\n", *values]))
+            v, vi, vs, uvs = map(key, names.conversation_keys(conversation))
+            lengths = "".join([f" {len(item)}" for item in items])
+            head += f"{v} {vi} {vs} {uvs} {score} {len(member)} {len(data)}{lengths}\n"
+            self.args.append(b"".join([head.encode(), member, data, *items]))
+        else:
+            head += f"0 0 0 0 {score} {len(member)} {len(data)}\n"
+            self.args.append(b"".join([head.encode(), member, data]))
 
 
 def _matches(record: CompletionRecord, model: str | None, metadata: dict[str, str] | None) -> bool:
