@@ -165,6 +165,8 @@ class BatchedScript:
 
     def __init__(self, redis: Any, body: str, width: int) -> None:
         self.width = width
+        self.newlines = max(width - 1, 0)
+        """In the one string its arguments travel as."""
         self.script = redis.register_script(_LOOP % body)
 
 
@@ -200,7 +202,7 @@ class ScriptBatch:
         self._add(script, keys, packed, failed)
 
     def _add(self, script: BatchedScript, keys: Sequence[str], packed: str, done: asyncio.Future[Any] | Failed) -> None:
-        if packed.count("\n") != max(script.width - 1, 0):
+        if packed.count("\n") != script.newlines:
             raise ValueError(f"the script takes {script.width} arguments without a newline")
         self._pending.append((script, keys, packed, done))
         if self._writer is None:
