@@ -28,6 +28,7 @@ import msgspec
 from litestar import MediaType
 
 from gateway.backends import Backend
+from gateway.deadline import Deadline
 from gateway.errors import (
     GatewayError,
     NoBackendAvailable,
@@ -44,7 +45,7 @@ from gateway.responses import STREAM_HEADERS, EventStream, WholeReply
 from gateway.routing import Route, Target
 from gateway.settings import Settings
 from gateway.sse import DONE, EventSplitter, event_data, format_event
-from gateway.upstream import Deadline, open_response
+from gateway.upstream import open_response
 from gateway.wire import ErrorDetail, decode_chunk, decode_completion, rewrite_fields
 
 __all__ = ["StreamRelay", "forward"]

@@ -20,6 +20,7 @@ round trip itself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import math
 from collections.abc import Callable, Sequence
@@ -27,6 +28,8 @@ from typing import Any
 
 import redis.exceptions
 from redis.exceptions import NoScriptError, ResponseError
+
+from gateway.deadline import Deadline
 
 __all__ = ["BatchedScript", "Call", "ScriptBatch", "run_scripts", "send_commands"]
 
@@ -70,17 +73,18 @@ async def send_commands(connection: Any, commands: Sequence[Sequence[Any]]) -> l
     redis-py's pipeline and pool cost about 60 us a round trip (``python -m
     tests.bench.redis_calls``), where the round trip itself costs about as much.
 
-    The connection's ``socket_timeout`` bounds the whole round trip, under one timer: redis-py's
-    own calls time the write with ``asyncio.wait_for`` (a task each, 18 us here) and each reply
-    with a timer of its own (10 us). A broken connection is retried as redis-py's own calls are,
-    by the connection's retry policy."""
+    The connection's ``socket_timeout`` bounds the whole round trip, under one :class:`Deadline`:
+    redis-py's own calls time the write with ``asyncio.wait_for`` (a task each, 18 us here) and
+    each reply with an ``asyncio.timeout`` of its own (10 us). A broken connection is retried as
+    redis-py's own calls are, by the connection's retry policy."""
     packed = [_pack(commands, connection.encoder.encode)]
 
     async def attempt() -> list[Any]:
         try:
             if not connection.is_connected:
                 await connection.connect()
-            async with asyncio.timeout(connection.socket_timeout):
+            timeout = connection.socket_timeout
+            with Deadline(timeout) if timeout is not None else contextlib.nullcontext():
                 await connection._send_packed_command(packed)
                 results: list[Any] = []
                 for _ in commands:

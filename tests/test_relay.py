@@ -13,12 +13,12 @@ from litestar.response import Stream
 from pytest_httpx import HTTPXMock
 
 from gateway.backends import Backend
+from gateway.deadline import Deadline
 from gateway.errors import UpstreamProtocolError, UpstreamStatus, UpstreamTimeout, UpstreamUnavailable
 from gateway.relay import forward
 from gateway.reply import Reply
 from gateway.routing import Route, Target
 from gateway.settings import BackendSettings, GuardSettings, RetrySettings, Settings, TimeoutSettings
-from gateway.upstream import Deadline
 
 URL = "http://upstream/v1/chat/completions"
 

@@ -155,9 +155,7 @@ async def test_calls_sent_without_waiting_hear_that_redis_is_unreachable() -> No
     await client.aclose()
 
 
-_argument = st.one_of(
-    st.text(), st.binary(), st.integers(), st.floats(allow_nan=False), st.binary().map(memoryview)
-)
+_argument = st.one_of(st.text(), st.binary(), st.integers(), st.floats(allow_nan=False), st.binary().map(memoryview))
 
 
 _command = st.tuples(st.sampled_from(["EVALSHA", "GET", "INCRBY"]), st.lists(_argument, max_size=8)).map(
