@@ -62,6 +62,7 @@ async def _pipelined(redis: Any, calls: Sequence[Call]) -> list[Any]:
 
 
 async def _sent_on(connection: Any, redis: Any, calls: Sequence[Call]) -> list[Any]:
+    """What :func:`_pipelined` does, on a connection the caller holds."""
     return await send_commands(
         connection, [("EVALSHA", script.sha, len(keys), *keys, *args) for script, keys, args in calls]
     )
@@ -129,7 +130,7 @@ def _pack(commands: Sequence[Sequence[Any]], encode: Callable[[Any], bytes]) -> 
 
 
 async def _ignore(error: Exception) -> None:
-    """The retry's failure handler: :func:`_sent_on` has already dropped the connection."""
+    """The retry's failure handler: :func:`send_commands` has already dropped the connection."""
 
 
 # The body runs as a function of ``ARGS`` (one call's arguments, split from one ARGV) once per call;
