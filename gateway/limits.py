@@ -131,7 +131,7 @@ class Admission:
             return
         self.settled = True
         delta = 0 if used_tokens is None else used_tokens - self.reserved
-        self.limiter.settle_soon(
+        self.limiter.settle(
             self.key_id, self.limits, self.request_id, delta, self.window, self._failed, local=self.state.local
         )
 
@@ -180,12 +180,7 @@ class Limiter(Protocol):
     async def admit(self, key_id: str, limits: Limits, request_id: str, tokens: int, window: float) -> State:
         """Reserve one request and ``tokens``, or raise :class:`RateLimited`."""
 
-    async def settle(
-        self, key_id: str, limits: Limits, request_id: str, delta: int, window: float, *, local: bool = False
-    ) -> None:
-        """Book ``delta`` more tokens (fewer when negative) and free the request's parallel slot."""
-
-    def settle_soon(
+    def settle(
         self,
         key_id: str,
         limits: Limits,
@@ -196,7 +191,8 @@ class Limiter(Protocol):
         *,
         local: bool = False,
     ) -> None:
-        """:meth:`settle`, started but not waited for; ``failed`` hears of its error."""
+        """Book ``delta`` more tokens (fewer when negative) and free the request's parallel slot:
+        started, not waited for; ``failed`` hears of its error."""
 
 
 class MemoryLimiter:
@@ -234,12 +230,7 @@ class MemoryLimiter:
             leases[request_id] = now + LEASE_SECONDS
         return State(now, new_request_tat, new_token_tat)
 
-    async def settle(
-        self, key_id: str, limits: Limits, request_id: str, delta: int, window: float, *, local: bool = False
-    ) -> None:
-        self._settle(key_id, limits, request_id, delta, window)
-
-    def settle_soon(
+    def settle(
         self,
         key_id: str,
         limits: Limits,
@@ -250,9 +241,6 @@ class MemoryLimiter:
         *,
         local: bool = False,
     ) -> None:
-        self._settle(key_id, limits, request_id, delta, window)
-
-    def _settle(self, key_id: str, limits: Limits, request_id: str, delta: int, window: float) -> None:
         self._leases.get(key_id, {}).pop(request_id, None)
         if limits.tpm and delta:
             now = self._clock()
@@ -406,18 +394,7 @@ class RedisLimiter:
         state.local = True
         return state
 
-    async def settle(
-        self, key_id: str, limits: Limits, request_id: str, delta: int, window: float, *, local: bool = False
-    ) -> None:
-        if local:
-            assert self._fallback is not None
-            await self._fallback.settle(key_id, limits, request_id, delta, window)
-            return
-        await self._settlements.run_packed(
-            self._settle, self._keys(key_id)[1:], self._settlement(limits, request_id, delta, window)
-        )
-
-    def settle_soon(
+    def settle(
         self,
         key_id: str,
         limits: Limits,
@@ -430,7 +407,7 @@ class RedisLimiter:
     ) -> None:
         if local:
             assert self._fallback is not None
-            self._fallback.settle_soon(key_id, limits, request_id, delta, window, failed)
+            self._fallback.settle(key_id, limits, request_id, delta, window, failed)
             return
         packed = self._settlement(limits, request_id, delta, window)
         self._settlements.send(self._settle, self._keys(key_id)[1:], packed, failed)

@@ -117,6 +117,24 @@ async def admit_many(
     return await asyncio.gather(*(one(i) for i in range(n)))
 
 
+async def settle(
+    limiter: MemoryLimiter | RedisLimiter,
+    limits: Limits,
+    request_ids: list[str],
+    delta: int,
+    *,
+    key_id: str = "k",
+    local: bool = False,
+) -> None:
+    """Settle each request, wait until Redis has run the settlements, and check none failed."""
+    failures: list[Exception] = []
+    for request_id in request_ids:
+        limiter.settle(key_id, limits, request_id, delta, WINDOW, failures.append, local=local)
+    if isinstance(limiter, RedisLimiter):
+        await limiter.drain()
+    assert failures == []
+
+
 async def test_fifty_concurrent_against_ten_admit_exactly_ten(limiter: MemoryLimiter | RedisLimiter) -> None:
     assert sum(await admit_many(limiter, Limits(rpm=10), 50)) == 10
 
@@ -149,14 +167,14 @@ async def test_request_larger_than_the_limit_is_refused_for_good(limiter: Memory
 async def test_settling_gives_back_unused_tokens(limiter: MemoryLimiter | RedisLimiter) -> None:
     limits = Limits(tpm=100)
     await limiter.admit("k", limits, "a", 90, WINDOW)
-    await limiter.settle("k", limits, "a", -80, WINDOW)  # the reply used 10 of its 90
+    await settle(limiter, limits, ["a"], -80)  # the reply used 10 of its 90
     await limiter.admit("k", limits, "b", 85, WINDOW)
 
 
 async def test_settling_charges_overuse(limiter: MemoryLimiter | RedisLimiter) -> None:
     limits = Limits(tpm=100)
     await limiter.admit("k", limits, "a", 10, WINDOW)
-    await limiter.settle("k", limits, "a", 80, WINDOW)  # the reply used 90, not 10
+    await settle(limiter, limits, ["a"], 80)  # the reply used 90, not 10
     with pytest.raises(RateLimited):
         await limiter.admit("k", limits, "b", 20, WINDOW)
 
@@ -165,7 +183,7 @@ async def test_parallel_slots_held_until_settled(limiter: MemoryLimiter | RedisL
     limits = Limits(max_parallel=2)
     admitted = await admit_many(limiter, limits, 3)
     assert sorted(admitted) == [False, True, True]  # which two win the race is the event loop's choice
-    await limiter.settle("k", limits, f"r{admitted.index(True)}", 0, WINDOW)
+    await settle(limiter, limits, [f"r{admitted.index(True)}"], 0)
     await limiter.admit("k", limits, "again", 1, WINDOW)
 
 
@@ -191,7 +209,7 @@ async def test_concurrent_settlements_all_land(limiter: MemoryLimiter | RedisLim
     """Settlements written together (Redis: group commit) each free their slot and book their tokens."""
     limits = Limits(tpm=10_000, max_parallel=40)
     assert all(await admit_many(limiter, limits, 40, tokens=200))  # 8,000 tokens reserved
-    await asyncio.gather(*(limiter.settle("k", limits, f"r{i}", -150, WINDOW) for i in range(40)))  # 50 used each
+    await settle(limiter, limits, [f"r{i}" for i in range(40)], -150)  # 50 used each
     # Every slot is free again, and 8,000 - 40 * 150 = 2,000 tokens are booked: 8,000 more fit.
     assert all(await admit_many(limiter, limits, 40, tokens=200))
 
@@ -226,7 +244,7 @@ async def test_redis_down_fails_open_on_the_local_limiter(tmp_path: Path) -> Non
     assert state.local and limiter.degraded
     with pytest.raises(RateLimited):  # still limited, per process
         await limiter.admit("k", Limits(rpm=1), "b", 1, WINDOW)
-    await limiter.settle("k", Limits(rpm=1), "a", 0, WINDOW, local=True)
+    await settle(limiter, Limits(rpm=1), ["a"], 0, local=True)
     await client.aclose()
 
 
