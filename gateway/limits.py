@@ -26,14 +26,13 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from redis.exceptions import RedisError
 
 from gateway.errors import RateLimited, ServiceUnavailable
-from gateway.scripts import BatchedScript, ScriptBatch
+from gateway.scripts import BatchedScript, Failed, ScriptBatch
 
 __all__ = ["Admission", "Limiter", "Limits", "MemoryLimiter", "RedisLimiter", "gcra", "reset_text"]
 
@@ -187,7 +186,7 @@ class Limiter(Protocol):
         request_id: str,
         delta: int,
         window: float,
-        failed: Callable[[Exception], None],
+        failed: Failed,
         *,
         local: bool = False,
     ) -> None:
@@ -237,7 +236,7 @@ class MemoryLimiter:
         request_id: str,
         delta: int,
         window: float,
-        failed: Callable[[Exception], None],
+        failed: Failed,
         *,
         local: bool = False,
     ) -> None:
@@ -401,7 +400,7 @@ class RedisLimiter:
         request_id: str,
         delta: int,
         window: float,
-        failed: Callable[[Exception], None],
+        failed: Failed,
         *,
         local: bool = False,
     ) -> None:

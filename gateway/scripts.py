@@ -31,7 +31,7 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from gateway.deadline import Deadline
 
-__all__ = ["BatchedScript", "Call", "ScriptBatch", "run_scripts", "send_commands"]
+__all__ = ["BatchedScript", "Call", "Failed", "ScriptBatch", "run_scripts", "send_commands"]
 
 Call = tuple[Any, Sequence[Any], Sequence[Any]]
 """A script from ``register_script``, its keys, its arguments."""
