@@ -18,7 +18,7 @@ from gateway import history_api
 from gateway.auth import Principal, authenticate_request
 from gateway.errors import GatewayError, ModelNotFound, RateLimited, error_response
 from gateway.history import Turn, new_conversation, scope_of
-from gateway.limits import Admission
+from gateway.limits import Admission, texts
 from gateway.relay import Resume, StreamRelay, forward
 from gateway.reply import Reply
 from gateway.request import decode_body, header, parse_chat, parse_routed, read_body, request_id
@@ -254,7 +254,7 @@ async def _forward(
     except GatewayError as exc:
         if admission is not None:
             admission.settle(0)  # nothing was generated: give the tokens back, free the slot
-            exc.headers = {**admission.headers, **exc.headers}
+            exc.headers = {**texts(admission.headers), **exc.headers}
         raise
 
 

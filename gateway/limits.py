@@ -32,6 +32,7 @@ from typing import Any, Protocol
 from redis.exceptions import RedisError
 
 from gateway.errors import RateLimited, ServiceUnavailable
+from gateway.responses import Headers
 from gateway.scripts import BatchedScript, Failed, ScriptBatch
 
 __all__ = ["Admission", "Limiter", "Limits", "MemoryLimiter", "RedisLimiter", "gcra", "reset_text"]
@@ -69,7 +70,7 @@ def gcra(tat: float, now: float, cost: float, limit: int, window: float) -> tupl
 
 def remaining(tat: float, now: float, limit: int, window: float) -> int:
     """Units still available now."""
-    # Comparisons, not max(): this runs for every admitted request's headers, and a call of a
+    # Comparisons, not max(): this runs for every request the memory limiter admits, and a call of a
     # builtin costs more than the arithmetic.
     used = tat - now
     if used < 0.0:
@@ -95,13 +96,19 @@ def reset_text(seconds: float) -> str:
     return f"{int(minutes)}m{text}" if minutes >= 1 else text
 
 
+_LIMIT_REQUESTS = b"x-ratelimit-limit-requests"
+_REMAINING_REQUESTS = b"x-ratelimit-remaining-requests"
+_RESET_REQUESTS = b"x-ratelimit-reset-requests"
+_LIMIT_TOKENS = b"x-ratelimit-limit-tokens"
+_REMAINING_TOKENS = b"x-ratelimit-remaining-tokens"
+_RESET_TOKENS = b"x-ratelimit-reset-tokens"
+
+
 @dataclass(slots=True)
 class State:
-    """What one admission saw: the ``tat`` of each dimension after it, and the clock it read."""
+    """What one admission leaves the client: its ``x-ratelimit-*`` headers, as they are sent."""
 
-    now: float
-    request_tat: float
-    token_tat: float
+    headers: Headers
     local: bool = False
     """Admitted by this process's own limiter (Redis was unreachable); settled there too."""
 
@@ -120,8 +127,8 @@ class Admission:
     settled: bool = field(default=False)
 
     @property
-    def headers(self) -> dict[str, str]:
-        return headers(self.limits, self.state, self.window)
+    def headers(self) -> Headers:
+        return self.state.headers
 
     def settle(self, used_tokens: int | None) -> None:
         """Book the real usage (None: keep the estimate) and free the parallel slot. Sent, not
@@ -139,22 +146,35 @@ class Admission:
         log.warning("could not settle rate limits of request %s: %s", self.request_id, exc)
 
 
-def headers(limits: Limits, state: State, window: float) -> dict[str, str]:
-    out: dict[str, str] = {}
-    now = state.now
+def _headers(limits: Limits, texts: tuple[bytes, bytes], values: list[bytes]) -> Headers:
+    """The headers of the dimensions ``limits`` limits: ``texts`` are the limits of requests and
+    tokens, ``values`` the remaining requests, their reset, the remaining tokens and theirs."""
+    out: Headers = []
     if limits.rpm:
-        out["x-ratelimit-limit-requests"] = str(limits.rpm)
-        out["x-ratelimit-remaining-requests"] = str(remaining(state.request_tat, now, limits.rpm, window))
-        out["x-ratelimit-reset-requests"] = reset_text(state.request_tat - now if state.request_tat > now else 0.0)
+        out += ((_LIMIT_REQUESTS, texts[0]), (_REMAINING_REQUESTS, values[0]), (_RESET_REQUESTS, values[1]))
     if limits.tpm:
-        out["x-ratelimit-limit-tokens"] = str(limits.tpm)
-        out["x-ratelimit-remaining-tokens"] = str(remaining(state.token_tat, now, limits.tpm, window))
-        out["x-ratelimit-reset-tokens"] = reset_text(state.token_tat - now if state.token_tat > now else 0.0)
+        out += ((_LIMIT_TOKENS, texts[1]), (_REMAINING_TOKENS, values[2]), (_RESET_TOKENS, values[3]))
     return out
 
 
+def headers(limits: Limits, now: float, request_tat: float, token_tat: float, window: float) -> Headers:
+    """The headers after an admission that left these ``tat``s at ``now``."""
+    values = []
+    for tat, limit in ((request_tat, limits.rpm), (token_tat, limits.tpm)):
+        if limit:
+            values += (b"%d" % remaining(tat, now, limit, window), reset_text(max(tat - now, 0.0)).encode())
+        else:
+            values += (b"", b"")
+    return _headers(limits, (b"%d" % limits.rpm, b"%d" % limits.tpm), values)
+
+
+def texts(headers: Headers) -> dict[str, str]:
+    """``headers`` as a :class:`GatewayError` carries them."""
+    return {name.decode(): value.decode() for name, value in headers}
+
+
 def _rejection(reason: str, limits: Limits, state: State, window: float, wait: float) -> RateLimited:
-    extra = headers(limits, state, window)
+    extra = texts(state.headers)
     if math.isinf(wait):
         return RateLimited(
             f"Request too large: it needs more tokens than the key's limit of {limits.tpm} per "
@@ -206,7 +226,7 @@ class MemoryLimiter:
         now = self._clock()
         request_tat = self._tats.get((key_id, "r"), now)
         token_tat = self._tats.get((key_id, "t"), now)
-        state = State(now, request_tat, token_tat)
+        state = State(headers(limits, now, request_tat, token_tat, window))
         if limits.tpm and tokens > limits.tpm:
             raise _rejection("tpm", limits, state, window, math.inf)
         leases = self._leases.setdefault(key_id, {})
@@ -227,7 +247,7 @@ class MemoryLimiter:
             self._tats[(key_id, "t")] = new_token_tat
         if limits.max_parallel:
             leases[request_id] = now + LEASE_SECONDS
-        return State(now, new_request_tat, new_token_tat)
+        return State(headers(limits, now, new_request_tat, new_token_tat, window))
 
     def settle(
         self,
@@ -247,15 +267,45 @@ class MemoryLimiter:
             self._tats[(key_id, "t")] = max(now, max(tat, now) + delta * window / limits.tpm)
 
 
+# The values of the x-ratelimit-* headers, written as remaining() and reset_text() write them: the
+# same double arithmetic in the same order, divmod as Python's float divmod, '%.1f' rounded as
+# Python's format() rounds (both exactly). tests/test_limits.py holds the two to each other.
+_HEADER_VALUES = """
+local function remaining(tat, now, limit, window)
+  local used = tat - now
+  if used < 0 then used = 0 end
+  local units = math.floor((window - used) * limit / window + 1e-6)
+  if units < 0 then units = 0 end
+  return string.format('%d', units)
+end
+local function reset(seconds)
+  if seconds < 0 then seconds = 0 end
+  if seconds < 1 then return string.format('%dms', math.ceil(seconds * 1000)) end
+  local rest = math.fmod(seconds, 60)
+  local quotient = (seconds - rest) / 60
+  local minutes = math.floor(quotient)
+  if quotient - minutes > 0.5 then minutes = minutes + 1 end
+  local text = string.format('%.1f', rest)
+  if string.sub(text, -2) == '.0' then text = string.sub(text, 1, -3) end
+  if minutes >= 1 then return string.format('%dm%ss', minutes, text) end
+  return text .. 's'
+end
+"""
+
 # KEYS: request tat, token tat, leases. ARGS: window, rpm, tpm, max_parallel, lease, tokens, request id.
-# Returns "status wait now request-tat token-tat", one string: Redis truncates Lua numbers to integers
-# on the way out, and one string costs Redis less to return than five. Times are written with 17
-# digits: tostring's 14 round a tat near 1.7e9 s to 0.1 ms, and a burst of calls microseconds apart
-# adds up those errors past GCRA's tolerance. Leases are scored by their expiry in whole milliseconds
-# (an integer score is cheaper for Redis to take than a fraction), and swept only when they could
-# refuse a request: most admissions find the set below the limit and skip the sweep.
+# Returns "status wait remaining-requests reset-requests remaining-tokens reset-tokens", one string:
+# Redis truncates Lua numbers to integers on the way out, and one string costs Redis less to return
+# than six. The header values are written here, not from the tats in Python: parsing three 17-digit
+# floats and writing the headers cost the gateway more than the rest of the admission ("-" for a
+# dimension without a limit). Tats are stored with 17 digits: tostring's 14 round a tat near 1.7e9 s
+# to 0.1 ms, and a burst of calls microseconds apart adds up those errors past GCRA's tolerance.
+# Leases are scored by their expiry in whole milliseconds (an integer score is cheaper for Redis to
+# take than a fraction), and swept only when they could refuse a request: most admissions find the
+# set below the limit and skip the sweep.
 # status: 1 admitted, 0 over rpm, -1 over tpm, -2 over max_parallel.
-_ADMIT = """
+_ADMIT = (
+    _HEADER_VALUES
+    + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local window = tonumber(ARGS[1])
@@ -264,7 +314,10 @@ local tokens = tonumber(ARGS[6])
 local rtat = tonumber(redis.call('GET', KEYS[1]) or now)
 local ttat = tonumber(redis.call('GET', KEYS[2]) or now)
 local function out(status, wait, r, k)
-  return string.format('%d %.17g %.17g %.17g %.17g', status, wait, now, r, k)
+  local rr, rs, tr, ts = '-', '-', '-', '-'
+  if rpm > 0 then rr, rs = remaining(r, now, rpm, window), reset(r - now) end
+  if tpm > 0 then tr, ts = remaining(k, now, tpm, window), reset(k - now) end
+  return string.format('%d %.17g %s %s %s %s', status, wait, rr, rs, tr, ts)
 end
 if tpm > 0 and tokens > tpm then return out(-1, -1, rtat, ttat) end
 if parallel > 0 and redis.call('ZCARD', KEYS[3]) >= parallel then
@@ -290,6 +343,7 @@ if parallel > 0 then
 end
 return out(1, 0, nr, nt)
 """
+)
 
 # KEYS: token tat, leases. ARGS: request id, token delta, window, tpm.
 _SETTLE = """
@@ -327,7 +381,7 @@ class RedisLimiter:
         self._admissions = ScriptBatch(redis)
         self._settlements = ScriptBatch(redis)
         self._names: dict[str, tuple[str, str, str]] = {}
-        self._texts: dict[tuple[int, int, int, float, float], tuple[str, str]] = {}
+        self._texts: dict[tuple[int, int, int, float, float], tuple[str, str, tuple[bytes, bytes]]] = {}
 
     def _keys(self, key_id: str) -> tuple[str, str, str]:
         """The key's request tat, token tat and leases; named once per key, not at each admission
@@ -340,9 +394,9 @@ class RedisLimiter:
             keys = self._names[key_id] = (f"{base}:r", f"{base}:t", f"{base}:p")
         return keys
 
-    def _arguments(self, limits: Limits, window: float) -> tuple[str, str]:
-        """The admission's leading arguments and the settlement's trailing ones, as the scripts take
-        them: the same for every request of a key."""
+    def _arguments(self, limits: Limits, window: float) -> tuple[str, str, tuple[bytes, bytes]]:
+        """The admission's leading arguments, the settlement's trailing ones, as the scripts take
+        them, and the limits as the headers write them: the same for every request of a key."""
         key = (limits.rpm, limits.tpm, limits.max_parallel, window, LEASE_SECONDS)
         texts = self._texts.get(key)
         if texts is None:
@@ -351,12 +405,14 @@ class RedisLimiter:
             texts = self._texts[key] = (
                 f"{window}\n{limits.rpm}\n{limits.tpm}\n{limits.max_parallel}\n{LEASE_SECONDS}\n",
                 f"\n{window}\n{limits.tpm}",
+                (b"%d" % limits.rpm, b"%d" % limits.tpm),
             )
         return texts
 
     async def admit(self, key_id: str, limits: Limits, request_id: str, tokens: int, window: float) -> State:
         # window, rpm, tpm, max_parallel, lease, tokens, request id: as _ADMIT reads them
-        packed = f"{self._arguments(limits, window)[0]}{tokens}\n{request_id}"
+        arguments = self._arguments(limits, window)
+        packed = f"{arguments[0]}{tokens}\n{request_id}"
         try:
             answer = await self._admissions.run_packed(self._admit, self._keys(key_id), packed)
         except (RedisError, OSError) as exc:
@@ -364,12 +420,11 @@ class RedisLimiter:
         if self.degraded is not None:
             log.info("rate limits are back on Redis")
             self.degraded = None
-        status, wait, now, request_tat, token_tat = answer.split()
-        state = State(float(now), float(request_tat), float(token_tat))
-        code = int(status)
-        if code != 1:
-            wait_seconds = float(wait)
-            raise _rejection(_REASONS[code], limits, state, window, math.inf if wait_seconds < 0 else wait_seconds)
+        status, wait, *values = answer.split()
+        state = State(_headers(limits, arguments[2], values))
+        if status != b"1":
+            seconds = float(wait)
+            raise _rejection(_REASONS[int(status)], limits, state, window, math.inf if seconds < 0 else seconds)
         return state
 
     async def _unavailable(

@@ -41,7 +41,7 @@ from gateway.errors import (
 )
 from gateway.guard import RepetitionGuard
 from gateway.reply import Reply
-from gateway.responses import STREAM_HEADERS, EventStream, WholeReply
+from gateway.responses import STREAM_HEADERS, EventStream, Headers, WholeReply
 from gateway.routing import Route, Target
 from gateway.settings import Settings
 from gateway.sse import DONE, EventSplitter, event_data, format_event
@@ -83,7 +83,7 @@ async def forward(
     reply: Reply | None = None,
     on_end: OnEnd | None = None,
     hide_usage: bool = False,
-    headers: dict[str, str] | None = None,
+    headers: Headers | None = None,
     resume: Resume | None = None,
 ) -> WholeReply | EventStream:
     """Send ``body`` (with ``changes`` to its top-level fields) to the route's targets in turn until one
@@ -132,7 +132,7 @@ async def forward(
                 )
                 first = await relay.open(path, payload, request_id)
                 backend.succeeded()
-                stream_headers = STREAM_HEADERS | headers if headers else STREAM_HEADERS
+                stream_headers = [*STREAM_HEADERS, *headers] if headers else STREAM_HEADERS
                 if resume is not None:
                     return EventStream(await resume(relay, first), stream_headers)
                 # Background work runs after the last byte, and also when the client left before the
@@ -205,7 +205,7 @@ async def _unary(
     request_id: str,
     reply: Reply,
     on_end: OnEnd | None,
-    headers: dict[str, str] | None,
+    headers: Headers | None,
 ) -> WholeReply:
     sent = time.monotonic()
     response = await open_response(

@@ -18,9 +18,12 @@ from typing import Any
 from litestar import Response
 from litestar.response import Stream
 
-__all__ = ["STREAM_HEADERS", "EventStream", "WholeReply"]
+__all__ = ["STREAM_HEADERS", "EventStream", "Headers", "WholeReply"]
 
-STREAM_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+Headers = list[tuple[bytes, bytes]]
+"""Response headers as ASGI sends them: what the hot routes add is written as bytes once."""
+
+STREAM_HEADERS: Headers = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 
 Background = Callable[[], Awaitable[None]]
 
@@ -28,28 +31,26 @@ _EVENT_STREAM = (b"content-type", b"text/event-stream; charset=utf-8")
 _END = {"type": "http.response.body", "body": b"", "more_body": False}
 
 
-def _encoded(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
-    return [(name.encode(), value.encode()) for name, value in headers.items()]
-
-
 class WholeReply(Response[bytes]):
     """A non-streamed answer, sent as one start and one body message."""
 
-    __slots__ = ()
+    __slots__ = ("wire_headers",)
 
     def __init__(
         self,
         content: bytes,
         status_code: int,
         media_type: str,
-        headers: dict[str, str] | None,
+        headers: Headers | None,
         background: Background | None,
     ) -> None:
         # Response's own attributes, set directly: its __init__ builds cookie and encoder tables.
+        # Its header table stays empty: the headers go out as they came, in wire_headers.
         self.content = content
         self.status_code = status_code
         self.media_type = media_type
-        self.headers = headers or {}
+        self.headers = {}
+        self.wire_headers = headers or []
         self.background = background  # type: ignore[assignment]
         self.cookies = []
         self.encoding = "utf-8"
@@ -59,7 +60,7 @@ class WholeReply(Response[bytes]):
         encoded = [
             (b"content-type", self.media_type.encode()),
             (b"content-length", b"%d" % len(self.content)),
-            *_encoded(self.headers),
+            *self.wire_headers,
         ]
         start = {"type": "http.response.start", "status": self.status_code, "headers": encoded}
         body = {"type": "http.response.body", "body": self.content, "more_body": False}
@@ -80,25 +81,26 @@ class EventStream(Stream):
     When the client disconnects, the body stops (the iterator is closed) and ``background`` still
     runs, as with Litestar's ``Stream``: it is what records a reply the client did not wait for."""
 
-    __slots__ = ()
+    __slots__ = ("wire_headers",)
 
     def __init__(
         self,
         iterator: AsyncIterator[bytes],
-        headers: dict[str, str] = STREAM_HEADERS,
+        headers: Headers = STREAM_HEADERS,
         background: Background | None = None,
     ) -> None:
         self.iterator = iterator
         self.status_code = 200
         self.media_type = "text/event-stream"
-        self.headers = headers
+        self.headers = {}
+        self.wire_headers = headers
         self.background = background  # type: ignore[assignment]
         self.cookies = []
         self.encoding = "utf-8"
         self.response_type_encoders = {}
 
     def to_asgi_response(self, app: Any, request: Any, **_: Any) -> Callable[..., Awaitable[None]]:
-        start = {"type": "http.response.start", "status": 200, "headers": [_EVENT_STREAM, *_encoded(self.headers)]}
+        start = {"type": "http.response.start", "status": 200, "headers": [_EVENT_STREAM, *self.wire_headers]}
         iterator = self.iterator
         background = self.background
 

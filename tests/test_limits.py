@@ -8,8 +8,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import redis
 import redis.asyncio
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import gateway.limits
@@ -87,6 +88,67 @@ def test_unlimited_is_unlimited() -> None:
 )
 def test_reset_written_like_openai(seconds: float, text: str) -> None:
     assert reset_text(seconds) == text
+
+
+_LUA_HEADER_VALUES = (
+    gateway.limits._HEADER_VALUES
+    + "return {remaining(tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])),"
+    + " reset(tonumber(ARGV[1]) - tonumber(ARGV[2]))}"
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    used=st.floats(-10, 7200, allow_nan=False),
+    limit=st.integers(1, 10**12),
+    window=st.sampled_from([1.0, 60.0, 86400.0]) | st.floats(0.5, 86400),
+)
+@example(used=0.9995, limit=60, window=60.0)
+@example(used=59.96, limit=60, window=60.0)
+@example(used=119.95, limit=1000, window=3600.0)
+@example(used=0.0, limit=10**12, window=60.0)
+def test_redis_writes_the_headers_python_writes(
+    redis_module: RedisServer, used: float, limit: int, window: float
+) -> None:
+    """The Redis limiter's headers come from its Lua, the memory limiter's from Python: the same
+    text for any state."""
+    now = 1_763_000_000.123456
+    tat = now + used
+    client = redis.Redis.from_url(redis_module.url)
+    try:
+        count, reset = client.eval(_LUA_HEADER_VALUES, 0, repr(tat), repr(now), limit, repr(window))
+    finally:
+        client.close()
+    assert count.decode() == str(remaining(tat, now, limit, window))
+    assert reset.decode() == reset_text(max(tat - now, 0.0))
+
+
+async def test_both_limiters_send_the_same_headers(redis_module: RedisServer) -> None:
+    redis_module.flush()
+    client = redis.asyncio.Redis.from_url(redis_module.url)
+    limits = Limits(rpm=7, tpm=10_000, max_parallel=3)
+    for limiter in (MemoryLimiter(), RedisLimiter(client, fallback=None)):
+        state = await limiter.admit("k", limits, "r", 2500, WINDOW)
+        assert [name for name, _ in state.headers] == [
+            b"x-ratelimit-limit-requests",
+            b"x-ratelimit-remaining-requests",
+            b"x-ratelimit-reset-requests",
+            b"x-ratelimit-limit-tokens",
+            b"x-ratelimit-remaining-tokens",
+            b"x-ratelimit-reset-tokens",
+        ]
+        values = dict(state.headers)
+        assert values[b"x-ratelimit-limit-requests"] == b"7" and values[b"x-ratelimit-remaining-requests"] == b"6"
+        assert values[b"x-ratelimit-limit-tokens"] == b"10000"
+        assert values[b"x-ratelimit-remaining-tokens"] == b"7500"
+        assert values[b"x-ratelimit-reset-requests"].endswith(b"s")
+        tokens_only = await limiter.admit("t", Limits(tpm=100), "r", 1, WINDOW)
+        assert [name for name, _ in tokens_only.headers] == [
+            b"x-ratelimit-limit-tokens",
+            b"x-ratelimit-remaining-tokens",
+            b"x-ratelimit-reset-tokens",
+        ]
+    await client.aclose()
 
 
 # --- both limiters, one contract ----------------------------------------------------------------
@@ -274,7 +336,7 @@ async def test_an_admission_settles_once_without_waiting(limiter: MemoryLimiter 
 async def test_a_settlement_redis_refuses_is_logged(caplog: pytest.LogCaptureFixture) -> None:
     client = redis.asyncio.Redis(port=free_port(), socket_connect_timeout=0.2)
     limiter = RedisLimiter(client, fallback=None)
-    admission = Admission(limiter, "k", Limits(max_parallel=1), "req-1", 10, WINDOW, State(0.0, 0.0, 0.0))
+    admission = Admission(limiter, "k", Limits(max_parallel=1), "req-1", 10, WINDOW, State([]))
     admission.settle(5)
     await limiter.drain()
     assert "could not settle rate limits of request req-1" in caplog.text

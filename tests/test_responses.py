@@ -65,7 +65,7 @@ async def test_event_stream_sends_each_event_then_runs_its_background_once() -> 
     async def background() -> None:
         ran.append(True)
 
-    stream = EventStream(events(), STREAM_HEADERS | {"x-ratelimit-remaining-requests": "9"}, background)
+    stream = EventStream(events(), [*STREAM_HEADERS, (b"x-ratelimit-remaining-requests", b"9")], background)
     await stream.to_asgi_response(None, None)(None, client.receive, client.send)
 
     start = client.sent[0]
@@ -121,7 +121,7 @@ async def test_whole_reply_is_one_start_and_one_body_then_its_background() -> No
     async def background() -> None:
         ran.append(client.complete.is_set())
 
-    reply = WholeReply(b'{"ok":true}', 201, "application/json", {"x-a": "1"}, background)
+    reply = WholeReply(b'{"ok":true}', 201, "application/json", [(b"x-a", b"1")], background)
     await reply.to_asgi_response(None, None)(None, client.receive, client.send)
     assert client.sent[0] == {
         "type": "http.response.start",
