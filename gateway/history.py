@@ -189,11 +189,13 @@ class History:
                 log.info("history store is back; %d queued records to write", len(self._queue) - len(batch))
                 self.degraded = None
             failures = 0
+            queue = self._queue
             for exchange in batch:
                 # Not at the head: submit() dropped it (queue full) while it was being written.
-                if self._queue and self._queue[0] is exchange:
-                    self._queue.popleft()
-                    self._forget(exchange)
+                if queue and queue[0] is exchange:
+                    queue.popleft()
+                    if exchange.conversation:
+                        self._forget(exchange)
             async with self._progress:
                 self._progress.notify_all()
 
@@ -309,16 +311,7 @@ class Turn:
         metadata = dict(chat.metadata or {})
         if self.scope.user:
             metadata["user"] = self.scope.user
-        indexes = reply.indexes or [0]
-        choices = [
-            {
-                "index": i,
-                "message": reply.message(i),
-                "logprobs": None,
-                "finish_reason": reply.finish_reason(i) or ("cancelled" if reply.error == "cancelled" else "error"),
-            }
-            for i in indexes
-        ]
+        choices = reply.choices("cancelled" if reply.error == "cancelled" else "error")
         usage = msgspec.structs.asdict(reply.usage) if reply.usage is not None else None
         return CompletionRecord(
             id=reply.id or f"chatcmpl-{uuid.uuid4().hex}",

@@ -163,9 +163,22 @@ class Reply:
                     }
         self.done = True
 
-    @property
-    def indexes(self) -> list[int]:
-        return sorted(self._choices)
+    def choices(self, unfinished: str) -> list[dict[str, Any]]:
+        """The reply's ``choices`` as OpenAI's ``chat.completion`` writes them (one, empty, when
+        nothing came); ``unfinished`` is the finish reason of a choice that never got one."""
+        if not self._choices:
+            return [{"index": 0, "message": self.message(), "logprobs": None, "finish_reason": unfinished}]
+        # Most replies have one choice: nothing to sort.
+        ordered = self._choices.items() if len(self._choices) == 1 else sorted(self._choices.items())
+        return [
+            {
+                "index": i,
+                "message": choice.message(),
+                "logprobs": None,
+                "finish_reason": choice.finish_reason or unfinished,
+            }
+            for i, choice in ordered
+        ]
 
     def message(self, index: int = 0) -> dict[str, Any]:
         choice = self._choices.get(index)

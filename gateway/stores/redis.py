@@ -245,6 +245,7 @@ class _Keys:
         self._base = f"{prefix}:{{{_escape(tenant)}}}"
         self._owners: dict[str, str] = {}
         """Each user's part of the names, escaped once: every exchange names its user's indexes."""
+        self._completions: dict[str | None, str] = {}
 
     def _owner(self, user: str | None) -> str:
         if user is None:
@@ -264,7 +265,13 @@ class _Keys:
         return f"{self._base}:cmpl:{_escape(completion_id)}"
 
     def completions(self, user: str | None = None) -> str:
-        return f"{self._owner(user)}:cmpls"
+        # Named once per user: every recorded completion adds to two of these indexes.
+        name = self._completions.get(user)
+        if name is None:
+            if len(self._completions) > _NAMES_KEPT:
+                self._completions.clear()
+            name = self._completions[user] = f"{self._owner(user)}:cmpls"
+        return name
 
     def conversation(self, conversation_id: str) -> str:
         return f"{self._base}:conv:{_escape(conversation_id)}"
@@ -309,23 +316,23 @@ class _SaveBatch:
 
     def add(self, record: CompletionRecord | None, conversation: ConversationRecord | None, items: list[bytes]) -> None:
         """An exchange: its completion, and its items (JSON) when its conversation exists."""
+        # The head is formatted as bytes in one step: formatting its numbers is most of the cost.
         names, key = self._names, self._key
         if record is not None:
             c, cs, ucs = key(names.completion(record.id)), key(names.completions()), key(names.completions(record.user))
             score = record.created
-            member, data = _member(record.seq, record.id).encode(), _encode(record)
+            member, data = b"%016x:%s" % (record.seq, record.id.encode()), _encode(record)  # as _member() writes it
         else:
             c = cs = ucs = score = 0
             member = data = b""
-        head = f"{c} {cs} {ucs} "
         if conversation is not None and items:
             v, vi, vs, uvs = map(key, names.conversation_keys(conversation))
-            lengths = "".join([f" {len(item)}" for item in items])
-            head += f"{v} {vi} {vs} {uvs} {score} {len(member)} {len(data)}{lengths}\n"
-            self.args.append(b"".join([head.encode(), member, data, *items]))
+            lengths = [b" %d" % len(item) for item in items]
+            head = b"%d %d %d %d %d %d %d %d %d %d" % (c, cs, ucs, v, vi, vs, uvs, score, len(member), len(data))
+            self.args.append(b"".join([head, *lengths, b"\n", member, data, *items]))
         else:
-            head += f"0 0 0 0 {score} {len(member)} {len(data)}\n"
-            self.args.append(b"".join([head.encode(), member, data]))
+            head = b"%d %d %d 0 0 0 0 %d %d %d\n" % (c, cs, ucs, score, len(member), len(data))
+            self.args.append(b"".join([head, member, data]))
 
 
 def _matches(record: CompletionRecord, model: str | None, metadata: dict[str, str] | None) -> bool:
@@ -432,12 +439,17 @@ class RedisStore:
                 batch = batches[tenant] = _SaveBatch(self._keys(tenant), [self._ttl_ms, self._max_items])
             batch.exchanges.append(n)
             completion = exchange.completion
-            record = None if completion is None else msgspec.structs.replace(completion, seq=seqs[n])
-            at = conversation_at.get(n)
+            if completion is not None:
+                # The store's to set (see CompletionRecord.seq); a retried write sets it again.
+                completion.seq = seqs[n]
             conversation = None
-            if at is not None and replies[at] is not None:
-                conversation = _conversation.decode(replies[at])
-            batch.add(record, conversation, [_encode(item) for item in exchange.items])
+            if exchange.items:
+                at = conversation_at.get(n)
+                if at is not None and replies[at] is not None:
+                    conversation = _conversation.decode(replies[at])
+                batch.add(completion, conversation, [_encode(item) for item in exchange.items])
+            else:
+                batch.add(completion, None, [])
         calls: list[Call] = [(self._save, batch.keys, batch.args) for batch in batches.values()]
         refused: dict[int, Exception] = {}
         for batch, result in zip(batches.values(), await run_scripts(self._redis, calls, connection), strict=True):
