@@ -362,6 +362,26 @@ return 1
 _REASONS = {0: "rpm", -1: "tpm", -2: "parallel"}
 
 
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """What every admission and settlement of one key sends, worked out once per key rather than
+    for each call: the Redis keys, and the arguments that do not change between requests."""
+
+    limits: Limits
+    window: float
+    lease: float
+    keys: tuple[str, str, str]
+    """Request tat, token tat, leases: as _ADMIT takes them."""
+    settle_keys: tuple[str, str]
+    """Token tat, leases: as _SETTLE takes them."""
+    admit_head: str
+    """_ADMIT's window, rpm, tpm, max_parallel and lease, each followed by a newline."""
+    settle_tail: str
+    """_SETTLE's window and tpm, each after a newline."""
+    limit_texts: tuple[bytes, bytes]
+    """The limits of requests and tokens, as the headers write them."""
+
+
 class RedisLimiter:
     """One limit across every replica that shares the Redis. While Redis is unreachable, admission
     falls back to ``fallback`` (fail open) or refuses with 503 (fallback None: fail closed)."""
@@ -380,48 +400,46 @@ class RedisLimiter:
         # waits for Redis to run the settlements sent with it.
         self._admissions = ScriptBatch(redis)
         self._settlements = ScriptBatch(redis)
-        self._names: dict[str, tuple[str, str, str]] = {}
-        self._texts: dict[tuple[int, int, int, float, float], tuple[str, str, tuple[bytes, bytes]]] = {}
+        self._plans: dict[str, _Plan] = {}
 
-    def _keys(self, key_id: str) -> tuple[str, str, str]:
-        """The key's request tat, token tat and leases; named once per key, not at each admission
-        and settlement."""
-        keys = self._names.get(key_id)
-        if keys is None:
-            if len(self._names) > 10_000:
-                self._names.clear()  # virtual keys come and go: the names must not pile up
+    def _plan(self, key_id: str, limits: Limits, window: float) -> _Plan:
+        plan = self._plans.get(key_id)
+        # A key's limits are one object while its record is cached (gateway/auth.py): most calls
+        # stop at the identity check.
+        if (
+            plan is None
+            or (plan.limits is not limits and plan.limits != limits)
+            or plan.window != window
+            or plan.lease != LEASE_SECONDS
+        ):
+            if len(self._plans) > 10_000:
+                self._plans.clear()  # virtual keys come and go: the plans must not pile up
             base = f"{self._prefix}:{{{key_id}}}"
-            keys = self._names[key_id] = (f"{base}:r", f"{base}:t", f"{base}:p")
-        return keys
-
-    def _arguments(self, limits: Limits, window: float) -> tuple[str, str, tuple[bytes, bytes]]:
-        """The admission's leading arguments, the settlement's trailing ones, as the scripts take
-        them, and the limits as the headers write them: the same for every request of a key."""
-        key = (limits.rpm, limits.tpm, limits.max_parallel, window, LEASE_SECONDS)
-        texts = self._texts.get(key)
-        if texts is None:
-            if len(self._texts) > 10_000:
-                self._texts.clear()
-            texts = self._texts[key] = (
+            plan = self._plans[key_id] = _Plan(
+                limits,
+                window,
+                LEASE_SECONDS,
+                (f"{base}:r", f"{base}:t", f"{base}:p"),
+                (f"{base}:t", f"{base}:p"),
                 f"{window}\n{limits.rpm}\n{limits.tpm}\n{limits.max_parallel}\n{LEASE_SECONDS}\n",
                 f"\n{window}\n{limits.tpm}",
                 (b"%d" % limits.rpm, b"%d" % limits.tpm),
             )
-        return texts
+        return plan
 
     async def admit(self, key_id: str, limits: Limits, request_id: str, tokens: int, window: float) -> State:
+        plan = self._plan(key_id, limits, window)
         # window, rpm, tpm, max_parallel, lease, tokens, request id: as _ADMIT reads them
-        arguments = self._arguments(limits, window)
-        packed = f"{arguments[0]}{tokens}\n{request_id}"
+        packed = f"{plan.admit_head}{tokens}\n{request_id}"
         try:
-            answer = await self._admissions.run_packed(self._admit, self._keys(key_id), packed)
+            answer = await self._admissions.run_packed(self._admit, plan.keys, packed)
         except (RedisError, OSError) as exc:
             return await self._unavailable(exc, key_id, limits, request_id, tokens, window)
         if self.degraded is not None:
             log.info("rate limits are back on Redis")
             self.degraded = None
         status, wait, *values = answer.split()
-        state = State(_headers(limits, arguments[2], values))
+        state = State(_headers(limits, plan.limit_texts, values))
         if status != b"1":
             seconds = float(wait)
             raise _rejection(_REASONS[int(status)], limits, state, window, math.inf if seconds < 0 else seconds)
@@ -463,12 +481,10 @@ class RedisLimiter:
             assert self._fallback is not None
             self._fallback.settle(key_id, limits, request_id, delta, window, failed)
             return
-        packed = self._settlement(limits, request_id, delta, window)
-        self._settlements.send(self._settle, self._keys(key_id)[1:], packed, failed)
-
-    def _settlement(self, limits: Limits, request_id: str, delta: int, window: float) -> str:
+        plan = self._plan(key_id, limits, window)
         # request id, token delta, window, tpm: as _SETTLE reads them
-        return f"{request_id}\n{delta}{self._arguments(limits, window)[1]}"
+        packed = f"{request_id}\n{delta}{plan.settle_tail}"
+        self._settlements.send(self._settle, plan.settle_keys, packed, failed)
 
     async def drain(self) -> None:
         """Until the settlements sent so far have been answered: at shutdown, and in tests."""

@@ -283,6 +283,21 @@ async def test_keys_are_independent(limiter: MemoryLimiter | RedisLimiter) -> No
         await limiter.admit("a", Limits(rpm=1), "3", 1, WINDOW)
 
 
+async def test_a_key_whose_limits_change_is_held_to_the_new_ones(limiter: MemoryLimiter | RedisLimiter) -> None:
+    await limiter.admit("k", Limits(rpm=3), "1", 1, WINDOW)  # 20 s of the window taken
+    raised = await limiter.admit("k", Limits(rpm=10), "2", 1, WINDOW)  # and 6 more
+    assert (b"x-ratelimit-limit-requests", b"10") in raised.headers
+    assert (b"x-ratelimit-remaining-requests", b"5") in raised.headers
+    longer = await limiter.admit("k", Limits(rpm=10), "3", 1, 2 * WINDOW)  # 12 more, of 120
+    assert (b"x-ratelimit-remaining-requests", b"6") in longer.headers
+    tokens = await limiter.admit("k", Limits(tpm=50), "5", 10, WINDOW)
+    assert dict(tokens.headers) == {
+        b"x-ratelimit-limit-tokens": b"50",
+        b"x-ratelimit-remaining-tokens": b"40",
+        b"x-ratelimit-reset-tokens": b"12s",
+    }
+
+
 @settings(max_examples=15, deadline=None)
 @given(rpm=st.integers(1, 20), n=st.integers(1, 40))
 def test_redis_and_memory_agree_on_bursts(redis_module: RedisServer, rpm: int, n: int) -> None:
