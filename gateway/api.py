@@ -225,7 +225,7 @@ async def _forward(
         if admission is not None:
             admission.settle(usage.prompt_tokens + usage.completion_tokens if usage else None)
         if state.accounting:
-            await state.usage.add(
+            state.usage.add(
                 principal.key_id,
                 principal.name,
                 route.model,

@@ -39,7 +39,8 @@ def _day_of_second(second: int) -> str:
 
 
 class UsageBook(Protocol):
-    async def add(self, key_id: str, key_name: str, model: str, prompt: int, completion: int) -> None: ...
+    def add(self, key_id: str, key_name: str, model: str, prompt: int, completion: int) -> None:
+        """Count one request: in memory, never waiting (the Redis book flushes in the background)."""
 
     async def rows(self, *, key_id: str | None = None, day: str | None = None) -> list[dict[str, Any]]: ...
 
@@ -67,7 +68,7 @@ class MemoryUsage:
         self._counts: dict[tuple[str, str, str], dict[str, int]] = collections.defaultdict(dict)
         self._names: dict[str, str] = {}
 
-    async def add(self, key_id: str, key_name: str, model: str, prompt: int, completion: int) -> None:
+    def add(self, key_id: str, key_name: str, model: str, prompt: int, completion: int) -> None:
         row = self._counts[(day_of(time.time()), key_id, model)]
         for measure, value in zip(_MEASURES, (1, prompt, completion), strict=True):
             row[measure] = row.get(measure, 0) + value
@@ -90,7 +91,7 @@ class RedisUsage:
         key and model."""
         self._names: dict[str, str] = {}
 
-    async def add(self, key_id: str, key_name: str, model: str, prompt: int, completion: int) -> None:
+    def add(self, key_id: str, key_name: str, model: str, prompt: int, completion: int) -> None:
         row = (day_of(time.time()), key_id, model)
         counts = self._pending.get(row)
         if counts is None:

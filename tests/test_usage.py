@@ -20,10 +20,10 @@ async def client(redis_server: RedisServer | SharedRedis) -> AsyncIterator[redis
 
 
 async def _add_some(book: MemoryUsage | RedisUsage) -> None:
-    await book.add("k1", "alpha", "m1", 10, 5)
-    await book.add("k1", "alpha", "m1", 3, 2)
-    await book.add("k1", "alpha", "m2", 1, 1)
-    await book.add("k2", "beta", "m1", 7, 0)
+    book.add("k1", "alpha", "m1", 10, 5)
+    book.add("k1", "alpha", "m1", 3, 2)
+    book.add("k1", "alpha", "m2", 1, 1)
+    book.add("k2", "beta", "m1", 7, 0)
 
 
 def _counts(rows: list[dict[str, object]]) -> dict[tuple[object, object], tuple[object, ...]]:
@@ -49,7 +49,7 @@ async def test_redis_counts_match_memory_counts(client: redis.asyncio.Redis) -> 
     assert _counts(await shared.rows(key_id="k2", day=today)) == {("k2", "m1"): EXPECTED[("k2", "m1")]}
     # A second replica's counts add to the first's.
     other = RedisUsage(client, ttl_seconds=3600)
-    await other.add("k1", "alpha", "m2", 4, 4)
+    other.add("k1", "alpha", "m2", 4, 4)
     await other.flush()
     assert _counts(await shared.rows())[("k1", "m2")] == ("alpha", 2, 5, 5)
 
@@ -58,13 +58,13 @@ async def test_counts_survive_redis_down(
     redis_server: RedisServer | SharedRedis, client: redis.asyncio.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
     book = RedisUsage(client, ttl_seconds=3600)
-    await book.add("k1", "alpha", "m1", 10, 5)
+    book.add("k1", "alpha", "m1", 10, 5)
     redis_server.stop()
     try:
         await _add_some(book)
         await book.flush()  # fails: the counts stay for the next flush
         assert "usage counts kept for later" in caplog.text
-        await book.add("k1", "alpha", "m1", 1, 1)
+        book.add("k1", "alpha", "m1", 1, 1)
     finally:
         redis_server.start()
     await book.flush()
