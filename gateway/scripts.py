@@ -175,12 +175,18 @@ class BatchedScript:
         self.script = redis.register_script(_LOOP % body)
 
 
+_Calls = tuple[list[str], list[asyncio.Future[Any] | Failed]]
+"""Calls of one script on the same keys: their arguments and, in the same order, who hears of
+their answers."""
+
+
 class ScriptBatch:
     """Group commit of :class:`BatchedScript` calls (see the module's docstring)."""
 
     def __init__(self, redis: Any) -> None:
         self._redis = redis
-        self._pending: list[tuple[BatchedScript, Sequence[str], str, asyncio.Future[Any] | Failed]] = []
+        self._pending: dict[tuple[BatchedScript, tuple[str, ...]], _Calls] = {}
+        """The next batch's calls, grouped as they come: one EVALSHA for each script and keys."""
         self._writer: asyncio.Task[None] | None = None
         self._connection: Any = None
         """Taken from the client's pool once and kept: one batch is on its way at a time. The pool
@@ -210,7 +216,12 @@ class ScriptBatch:
     def _add(self, script: BatchedScript, keys: Sequence[str], packed: str, done: asyncio.Future[Any] | Failed) -> None:
         if packed.count("\n") != script.newlines:
             raise ValueError(f"the script takes {script.width} arguments without a newline")
-        self._pending.append((script, keys, packed, done))
+        group = (script, tuple(keys))
+        calls = self._pending.get(group)
+        if calls is None:
+            calls = self._pending[group] = ([], [])
+        calls[0].append(packed)
+        calls[1].append(done)
         if self._writer is None:
             self._writer = asyncio.create_task(self._write())
 
@@ -222,24 +233,17 @@ class ScriptBatch:
     async def _write(self) -> None:
         try:
             while self._pending:
-                batch, self._pending = self._pending, []
-                groups: dict[tuple[int, tuple[str, ...]], list[int]] = {}
-                for i, (script, keys, _, _) in enumerate(batch):
-                    groups.setdefault((id(script), tuple(keys)), []).append(i)
-                calls: list[Call] = []
-                for members in groups.values():
-                    script, keys, _, _ = batch[members[0]]
-                    calls.append((script.script, keys, [batch[i][2] for i in members]))
+                batch, self._pending = self._pending, {}
+                calls: list[Call] = [(script.script, keys, args) for (script, keys), (args, _) in batch.items()]
                 try:
                     if self._connection is None:
                         self._connection = await self._redis.connection_pool.get_connection()
                     results = await run_scripts(self._redis, calls, self._connection)
                 except Exception as exc:
                     results = [exc] * len(calls)
-                for members, result in zip(groups.values(), results, strict=True):
-                    for n, i in enumerate(members):
-                        done = batch[i][3]
-                        outcome = result if isinstance(result, Exception) else result[n]
+                for (_, answered), result in zip(batch.values(), results, strict=True):
+                    outcomes = [result] * len(answered) if isinstance(result, Exception) else result
+                    for done, outcome in zip(answered, outcomes, strict=True):
                         if not isinstance(done, asyncio.Future):
                             if isinstance(outcome, Exception):
                                 done(outcome)
