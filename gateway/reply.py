@@ -187,7 +187,3 @@ class Reply:
     def text(self, index: int = 0) -> str:
         choice = self._choices.get(index)
         return "".join(choice.content) if choice else ""
-
-    def finish_reason(self, index: int = 0) -> str | None:
-        choice = self._choices.get(index)
-        return choice.finish_reason if choice else None

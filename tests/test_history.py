@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 
 from gateway.history import History
+from gateway.reply import Reply
 from gateway.settings import HistorySettings
 from gateway.stores.base import Exchange, ExchangesRefused, StoreUnavailable
 from gateway.stores.memory import MemoryStore
+from gateway.wire import decode_completion
 
 
 class FlakyStore(MemoryStore):
@@ -96,3 +98,21 @@ async def test_records_wait_while_the_store_is_down() -> None:
     await history.drain(3)
     writer.cancel()
     assert (history.written, history.queued, history.degraded) == (2, 0, None)
+
+
+def test_a_reply_is_recorded_with_its_choices_in_order() -> None:
+    reply = Reply()
+    assert reply.choices("cancelled") == [
+        {"index": 0, "message": {"role": "assistant", "content": None}, "logprobs": None, "finish_reason": "cancelled"}
+    ]
+    reply.observe_completion(
+        decode_completion(
+            b'{"id":"c","object":"chat.completion","created":1,"model":"m","choices":['
+            b'{"index":1,"message":{"role":"assistant","content":"second"},"finish_reason":null},'
+            b'{"index":0,"message":{"role":"assistant","content":"first"},"finish_reason":"stop"}]}'
+        )
+    )
+    assert [(c["index"], c["message"]["content"], c["finish_reason"]) for c in reply.choices("error")] == [
+        (0, "first", "stop"),
+        (1, "second", "error"),
+    ]

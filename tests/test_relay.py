@@ -130,7 +130,7 @@ async def test_stream_relayed_byte_for_byte_and_observed(httpx_mock: HTTPXMock, 
         "content": "Hello",
         "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "get", "arguments": '{"a":1}'}}],
     }
-    assert reply.finish_reason() == "tool_calls"
+    assert [choice["finish_reason"] for choice in reply.choices("unfinished")] == ["tool_calls"]
     assert reply.usage is not None and reply.usage.total_tokens == 5
     assert backend.in_flight == 0
     assert reply.backend == "up" and reply.retries == 0
