@@ -180,10 +180,12 @@ class Reply:
             for i, choice in ordered
         ]
 
-    def message(self, index: int = 0) -> dict[str, Any]:
-        choice = self._choices.get(index)
+    def message(self) -> dict[str, Any]:
+        """The first choice's message: what a conversation keeps and a body log shows."""
+        choice = self._choices.get(0)
         return choice.message() if choice else {"role": "assistant", "content": None}
 
-    def text(self, index: int = 0) -> str:
-        choice = self._choices.get(index)
+    def text(self) -> str:
+        """The first choice's content so far."""
+        choice = self._choices.get(0)
         return "".join(choice.content) if choice else ""
