@@ -1,6 +1,7 @@
 """Instructions per relayed request, counted by valgrind: a figure that does not move with the machine.
 
-    .venv/bin/python -m tests.bench.instructions [--stream] [--realistic [--without PARTS]] [--requests N]
+    .venv/bin/python -m tests.bench.instructions [--stream [--tokens N] [--paced]] [--realistic [--without PARTS]]
+        [--requests N]
 
 CPU time on a shared machine moves by 10-20% between runs, more than most single changes to the hot
 path are worth. Instructions executed do not: valgrind's callgrind counts them (user space only, so
@@ -15,6 +16,14 @@ process. The app is shut down at the end of each run, so the history it writes i
 counted too. The figure is the difference between two runs of the same warm-up and N and 3N
 requests, over 2N: start-up and warm-up cancel out.
 Both runs take about 5 minutes under valgrind with the default ``--requests 640``.
+
+``--paced`` spaces a stream's tokens 5 ms apart, as a real model does, and runs one stream at a time:
+each event then comes in a read of its own, with its own wake-up, which is what a chunk costs the
+gateway at a model's pace (without it, the upstream writes a stream's events back to back and one read
+often carries several). ``--tokens 1`` leaves mostly what a stream costs to open: what each of a
+burst of streams started together waits for. Under valgrind the gateway is about 50 times slower than natively, so more
+streams at once would no longer keep up with the pace and their events would again arrive together.
+``--requests`` then defaults to 32.
 """
 
 from __future__ import annotations
@@ -36,6 +45,8 @@ from tests.bench.loadgen import BENCH_KEY
 from tests.conftest import RedisServer
 
 _CONCURRENCY = 64
+_TOKEN_DELAY = 0.005
+_TOKENS = 64  # the bench upstream's default
 _WARMUP_PER_WORKER = 10
 _COLLECTED = re.compile(r"Collected : (\d+)")
 
@@ -62,7 +73,10 @@ def _scope(body: bytes, key: bool) -> dict[str, Any]:
     }
 
 
-async def _drive(base_url: str, requests: int, stream: bool, redis_url: str | None, without: list[str]) -> None:
+async def _drive(
+    base_url: str, requests: int, tokens: int, paced: bool, redis_url: str | None, without: list[str]
+) -> None:
+    """``tokens``: per stream, or 0 for non-streamed requests."""
     from gateway.app import create_app
     from gateway.settings import load_file
 
@@ -71,9 +85,12 @@ async def _drive(base_url: str, requests: int, stream: bool, redis_url: str | No
         path.write_text(config.realistic(base_url, redis_url, without) if redis_url else config.bare(base_url))
         settings = load_file(path)
     app = create_app(settings)
-    body = b'{"model":"bench-model","messages":[{"role":"user","content":"hello"}]%s}' % (
-        b',"stream":true' if stream else b""
+    body = b'{"model":"bench-model","messages":[{"role":"user","content":"hello"}]%s%s%s}' % (
+        b',"stream":true' if tokens else b"",
+        b',"max_tokens":%d' % tokens if tokens and tokens != _TOKENS else b"",
+        b',"bench_token_delay":%g' % _TOKEN_DELAY if paced else b"",
     )
+    concurrency = 1 if paced else _CONCURRENCY
 
     async def one() -> None:
         delivered = False
@@ -111,18 +128,19 @@ async def _drive(base_url: str, requests: int, stream: bool, redis_url: str | No
     started = await answers.get()
     if started["type"] != "lifespan.startup.complete":
         raise RuntimeError(f"the gateway did not start: {started}")
-    await asyncio.gather(*(worker(_WARMUP_PER_WORKER) for _ in range(_CONCURRENCY)))
+    await asyncio.gather(*(worker(_WARMUP_PER_WORKER) for _ in range(concurrency)))
     gc.collect()
-    await asyncio.gather(*(worker(requests // _CONCURRENCY) for _ in range(_CONCURRENCY)))
+    await asyncio.gather(*(worker(requests // concurrency) for _ in range(concurrency)))
     await lifespan.put({"type": "lifespan.shutdown"})
     await answers.get()
     await running
 
 
-def _count(base_url: str, requests: int, stream: bool, redis_url: str | None, without: list[str]) -> int:
+def _count(base_url: str, requests: int, tokens: int, paced: bool, redis_url: str | None, without: list[str]) -> int:
     command = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable]
     command += ["-m", "tests.bench.instructions", "--drive", base_url, "--requests", str(requests)]
-    command += ["--stream"] if stream else []
+    command += ["--stream", "--tokens", str(tokens)] if tokens else []
+    command += ["--paced"] if paced else []
     command += ["--redis", redis_url] if redis_url else []
     command += ["--without", ",".join(without)] if without else []
     done = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -134,8 +152,10 @@ def _count(base_url: str, requests: int, stream: bool, redis_url: str | None, wi
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--requests", type=int, default=640, help="N: the runs make N and 3N requests")
+    parser.add_argument("--requests", type=int, help="N: the runs make N and 3N requests (default 640, paced 32)")
     parser.add_argument("--stream", action="store_true", help="streamed requests (64 tokens each, no delay)")
+    parser.add_argument("--tokens", type=int, default=_TOKENS, help="with --stream: tokens a stream (default 64)")
+    parser.add_argument("--paced", action="store_true", help="with --stream: tokens 5 ms apart, one stream at a time")
     parser.add_argument("--realistic", action="store_true", help="history in Redis, an API key and rate limits")
     parser.add_argument(
         "--without", default="", help=f"with --realistic: parts left out, comma-separated ({', '.join(config.PARTS)})"
@@ -146,15 +166,22 @@ def main() -> int:
     without = [part for part in args.without.split(",") if part]
     if unknown := set(without) - set(config.PARTS):
         parser.error(f"--without: no such part {', '.join(sorted(unknown))}; the parts: {', '.join(config.PARTS)}")
+    if (args.paced or args.tokens != _TOKENS) and not args.stream:
+        parser.error("--paced and --tokens are for streams: add --stream")
+    if args.tokens < 1:
+        parser.error("--tokens: at least 1")
+    tokens = args.tokens if args.stream else 0
     if args.drive:
         import uvloop
 
         gc.set_threshold(10_000, 20, 50)  # as gateway serve does
-        uvloop.run(_drive(args.drive, args.requests, args.stream, args.redis, without))
+        uvloop.run(_drive(args.drive, args.requests, tokens, args.paced, args.redis, without))
         return 0
     if shutil.which("valgrind") is None:
         raise SystemExit("needs valgrind (Debian: apt-get install valgrind)")
-    requests = args.requests // _CONCURRENCY * _CONCURRENCY
+    if args.requests is None:
+        args.requests = 32 if args.paced else 640
+    requests = args.requests if args.paced else args.requests // _CONCURRENCY * _CONCURRENCY
     gateway_cpus, rest = procs.cpu_plan()
     with tempfile.TemporaryDirectory(prefix="bench-instructions-") as logs:
         upstream, base_url = procs.upstream(Path(logs), rest)
@@ -165,13 +192,16 @@ def main() -> int:
             if gateway_cpus:
                 os.sched_setaffinity(0, gateway_cpus)
             redis_url = redis.url if redis is not None else None
-            low = _count(base_url, requests, args.stream, redis_url, without)
-            high = _count(base_url, 3 * requests, args.stream, redis_url, without)
+            low = _count(base_url, requests, tokens, args.paced, redis_url, without)
+            high = _count(base_url, 3 * requests, tokens, args.paced, redis_url, without)
         finally:
             upstream.stop()
             if redis is not None:
                 redis.stop()
-    kind = ("streamed (64 tokens)" if args.stream else "non-streamed") + (", realistic" if args.realistic else "")
+    kind = "non-streamed"
+    if args.stream:
+        kind = f"streamed ({tokens} token{'s' if tokens > 1 else ''}{', 5 ms apart' if args.paced else ''})"
+    kind += ", realistic" if args.realistic else ""
     kind += f" without {', '.join(without)}" if args.realistic and without else ""
     print(f"{(high - low) / (2 * requests):,.0f} instructions a {kind} request")
     return 0
