@@ -15,6 +15,7 @@ never passed off as a complete one with a fake ``[DONE]``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import random
@@ -44,7 +45,8 @@ from gateway.responses import STREAM_HEADERS, EventStream, Headers, WholeReply
 from gateway.routing import Route, Target
 from gateway.settings import Settings
 from gateway.sse import DONE, EventSplitter, event_data, format_event
-from gateway.upstream import open_response
+from gateway.transport import FirstByteTimeout
+from gateway.upstream import open_response, sends_bytes
 from gateway.wire import ErrorDetail, decode_chunk, decode_completion, rewrite_fields
 
 __all__ = ["StreamRelay", "forward"]
@@ -61,6 +63,8 @@ class _ResponsesEvent(msgspec.Struct):
 
 
 _responses_event = msgspec.json.Decoder(_ResponsesEvent)
+
+_NO_DEADLINE = contextlib.nullcontext()
 
 # What the relay does with an event it observed.
 _FORWARD, _SKIP, _STOP = object(), object(), object()
@@ -309,20 +313,24 @@ class StreamRelay:
         self._deadline = sent + self._timeouts.total
         self.reply.backend = self._backend.name
         self._request_id = request_id
+        first_token = self._timeouts.first_token
         try:
-            with Deadline(self._timeouts.first_token):
-                self._response = await open_response(
+            # The gateway's transport keeps the first-token deadline in its reads (until the first
+            # body bytes); a Deadline's timer, set and cancelled, costs a tenth of opening a stream.
+            with _NO_DEADLINE if sends_bytes(self._backend) else Deadline(first_token):
+                self._response = response = await open_response(
                     self._backend,
                     path,
                     body,
                     request_id=request_id,
                     stream=True,
                     timeout=self._backend.stream_timeout,
+                    total=first_token,
                 )
                 # The transport's own stream, unless the upstream compressed the bytes (it was not
                 # asked to): httpx's decoding and chunking layers cost microseconds a chunk for nothing.
-                compressed = "content-encoding" in self._response.headers
-                self._chunks = self._response.aiter_bytes() if compressed else aiter(self._response.stream)
+                compressed = any(name.lower() == b"content-encoding" for name, _ in response.headers.raw)
+                self._chunks = response.aiter_bytes() if compressed else aiter(response.stream)
                 with upstream_errors(self._backend.name):
                     async for chunk in self._chunks:
                         if out := self._take(chunk):
@@ -333,11 +341,12 @@ class StreamRelay:
                         if self._failure is not None:
                             raise UpstreamProtocolError(f"Backend `{self._backend.name}`: {self._failure.message}")
             raise UpstreamProtocolError(f"Backend `{self._backend.name}` ended the stream before its first event.")
-        except TimeoutError:
+        except (TimeoutError, UpstreamTimeout) as exc:
             await self.close()
-            raise UpstreamTimeout(
-                f"Backend `{self._backend.name}` sent no first token within {self._timeouts.first_token:g} s."
-            ) from None
+            if isinstance(exc, UpstreamTimeout) and not isinstance(exc.__cause__, FirstByteTimeout):
+                raise
+            message = f"Backend `{self._backend.name}` sent no first token within {first_token:g} s."
+            raise UpstreamTimeout(message) from None
         except BaseException:
             await self.close()
             raise

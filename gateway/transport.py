@@ -25,7 +25,7 @@ from typing import Any
 import httptools
 import httpx
 
-__all__ = ["DEFAULT_LIMITS", "Transport"]
+__all__ = ["DEFAULT_LIMITS", "FirstByteTimeout", "Transport"]
 
 # Per connection, how much unread response body is buffered before reading from the upstream pauses
 # (the client reading the relay is slower than the upstream writing it).
@@ -37,6 +37,11 @@ _FOREVER = float("inf")
 _EXTENSIONS = {"http_version": b"HTTP/1.1"}
 # Far above what one process relays at once, so the pool never queues requests the upstreams could take.
 DEFAULT_LIMITS = httpx.Limits(max_connections=8192, max_keepalive_connections=1024, keepalive_expiry=30)
+
+
+class FirstByteTimeout(httpx.ReadTimeout):
+    """A streamed response's headers and first body bytes did not come within ``Transport.send``'s
+    ``total``."""
 
 
 class _Connection(asyncio.Protocol):
@@ -53,6 +58,7 @@ class _Connection(asyncio.Protocol):
         self._deadline = 0.0
         self._total: float | None = None
         self._until: float | None = None
+        self._until_body = False
         self._chunks: collections.deque[bytes] = collections.deque()
         self._buffered = 0
         self._paused = False
@@ -111,6 +117,9 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_body(self, body: bytes) -> None:
+        if self._until_body:
+            self._until_body = False
+            self._until = None  # the answer has begun: from here on, only the read timeout
         self._chunks.append(body)
         self._buffered += len(body)
         if self._buffered > _HIGH_WATER and not self._paused and self.transport is not None:
@@ -124,12 +133,16 @@ class _Connection(asyncio.Protocol):
 
     # the reader's side
 
-    def begin(self, data: bytes, until: float | None = None, total: float | None = None) -> None:
+    def begin(
+        self, data: bytes, until: float | None = None, total: float | None = None, *, until_body: bool = False
+    ) -> None:
         """Send one request on this connection (idle, or new); with ``until``, a loop time ``total``
-        seconds after the request was first sent, every wait for its answer ends then at the latest."""
+        seconds after the request was first sent, every wait for its answer ends then at the latest
+        (with ``until_body``, every wait until the first body bytes)."""
         self.requests += 1
         self._until = until
         self._total = total
+        self._until_body = until_body and until is not None
         self.status = 0
         self.headers = []
         self.headers_done = self.complete = self.received = False
@@ -167,6 +180,8 @@ class _Connection(asyncio.Protocol):
             self._waiter = None
         if not woken:
             if until is not None and self._deadline == until:
+                if self._until_body:
+                    raise FirstByteTimeout(f"The upstream sent no body within {self._total:g} s.")
                 raise httpx.ReadTimeout(f"The upstream did not answer within {self._total:g} s.")
             raise httpx.ReadTimeout(f"The upstream sent nothing for {timeout:g} s.")
 
@@ -448,8 +463,10 @@ class Transport(httpx.AsyncBaseTransport):
     ) -> httpx.Response:
         """Send ``data``, a whole HTTP/1.1 request, to ``origin`` (scheme, host, port), and answer
         with the response once its headers are in; with ``read``, once it is complete, its body read.
-        ``total`` bounds the wait for that answer as the read timeout bounds each read: the deadline
-        the reads keep anyway, where a timer around the call would cost a timer set and cancelled."""
+        ``total`` bounds the wait for that answer as the read timeout bounds each read: with ``read``,
+        for the whole response; without, for its headers and first body bytes, then
+        :class:`FirstByteTimeout` (a stream's first token). The deadline is the one the reads keep
+        anyway, where a timer around the call would cost a timer set and cancelled."""
         pool = self._pool
         if pool is None:
             pool = self._pool = _Pool(self._limits)
@@ -460,7 +477,7 @@ class Transport(httpx.AsyncBaseTransport):
             connection = await pool.acquire(origin, ssl_context, timeouts)
             reused = connection.requests > 0
             try:
-                connection.begin(data, until, total)
+                connection.begin(data, until, total, until_body=not read)
                 while not (connection.complete if read else connection.headers_done):
                     if connection.error is not None:
                         raise connection.error

@@ -23,7 +23,7 @@ from gateway.deadline import Deadline
 from gateway.errors import UpstreamStatus, upstream_errors
 from gateway.transport import Transport
 
-__all__ = ["open_response"]
+__all__ = ["open_response", "sends_bytes"]
 
 # Headers of an upstream error worth passing on: the SDK's backoff reads them.
 _PASSED_ON_ERROR = ("retry-after", "retry-after-ms", "x-ratelimit-reset-requests", "x-ratelimit-reset-tokens")
@@ -40,13 +40,16 @@ async def open_response(
     total: float | None = None,
 ) -> httpx.Response:
     """The backend's response to ``body`` sent to ``path``: once its headers are in, for a stream;
-    read whole, for the rest, within ``total`` seconds (else :class:`~gateway.errors.UpstreamTimeout`)."""
+    read whole, for the rest, within ``total`` seconds (else :class:`~gateway.errors.UpstreamTimeout`).
+    For a stream, when :func:`sends_bytes`, ``total`` bounds the wait for its headers and first body
+    bytes (:class:`~gateway.transport.FirstByteTimeout`, as the ``UpstreamTimeout``'s cause);
+    otherwise the caller keeps that deadline."""
     client = backend.client
     transport = client._transport
     accept = b"text/event-stream" if stream else b"application/json"
     rid = request_id.encode()
     with upstream_errors(backend.name):
-        if isinstance(transport, Transport) and not client.event_hooks["request"]:
+        if isinstance(transport, Transport) and not client.event_hooks["request"]:  # sends_bytes()
             data = b"%saccept: %s\r\nx-request-id: %s\r\ncontent-length: %d\r\n\r\n%s" % (
                 backend.request_head(path),
                 accept,
@@ -63,7 +66,7 @@ async def open_response(
             for hook in client.event_hooks["request"]:
                 await hook(request)
             if stream:
-                response = await transport.handle_async_request(request)
+                response = await transport.handle_async_request(request)  # total: the caller's
             else:
                 response = await _read_whole(transport, request, total)
             response.request = request
@@ -75,6 +78,12 @@ async def open_response(
             passed = {name: response.headers[name] for name in _PASSED_ON_ERROR if name in response.headers}
             raise UpstreamStatus(backend.name, response.status_code, content, passed)
     return response
+
+
+def sends_bytes(backend: Backend) -> bool:
+    """Whether a request to ``backend`` goes out as bytes built here, over the gateway's transport."""
+    client = backend.client
+    return isinstance(client._transport, Transport) and not client.event_hooks["request"]
 
 
 async def _read_whole(

@@ -234,6 +234,7 @@ def test_first_token_timeout_is_504(client: openai.OpenAI) -> None:
             extra_body={"fake_scenario": "slow_first_token", "fake_delay": 3},
         )
     assert info.value.status_code == 504 and info.value.code == "upstream_timeout"
+    assert "sent no first token within 1 s" in info.value.message
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,7 @@ import pytest
 from gateway.backends import Backend
 from gateway.errors import UpstreamTimeout
 from gateway.settings import BackendSettings
-from gateway.transport import Transport, _Connection, _Pool
+from gateway.transport import FirstByteTimeout, Transport, _Connection, _Pool
 from gateway.upstream import open_response
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -294,6 +294,49 @@ async def test_total_bounds_a_non_streamed_answer_that_keeps_trickling_in(hooked
                 4,
             )
         assert loop.time() - started < 4  # the deadline ended it, not the server's 5 s of trickle
+
+
+@pytest.mark.parametrize("headers_first", [True, False], ids=["headers at once", "nothing at all"])
+async def test_total_bounds_a_stream_until_its_first_body_bytes(transport: Transport, headers_first: bool) -> None:
+    # A model that accepted the request but never produces a token: headers (as vLLM sends them at
+    # once) and then nothing, well within the read timeout each time; or nothing at all.
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        if headers_first:
+            writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        await reader.read()
+
+    async with Server(handler) as server:
+        origin = (b"http", "127.0.0.1", server.port)
+        request = b"POST /a HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\n{}"
+
+        async def first_bytes() -> bytes:
+            response = await transport.send(origin, request, {"read": 30}, total=0.3)
+            async for piece in response.stream:  # type: ignore[union-attr]
+                return piece
+            return b""
+
+        with pytest.raises(FirstByteTimeout, match=r"sent no body within 0\.3 s"):
+            await asyncio.wait_for(first_bytes(), 5)
+
+
+async def test_total_no_longer_bounds_a_stream_once_its_body_has_begun(transport: Transport) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n" + chunk(b"first"))
+        for piece in (b"a", b"b", b"c"):
+            await asyncio.sleep(0.2)  # each within the read timeout, all past the total
+            writer.write(chunk(piece))
+        writer.write(b"0\r\n\r\n")
+        await reader.read()
+
+    async with Server(handler) as server:
+        origin = (b"http", "127.0.0.1", server.port)
+        request = b"POST /a HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\n{}"
+        response = await transport.send(origin, request, {"read": 1}, total=0.3)
+        pieces = [piece async for piece in response.stream]  # type: ignore[union-attr]
+        await response.aclose()
+        assert pieces == [b"first", b"a", b"b", b"c"]
 
 
 async def test_a_shorter_deadline_on_a_reused_connection_is_kept(transport: Transport) -> None:
