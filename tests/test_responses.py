@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from gateway.responses import STREAM_HEADERS, EventStream, WholeReply
+from gateway.responses import STREAM_HEADERS, EventStream, WholeReply, _Disconnect
 
 
 class Client:
@@ -129,3 +129,53 @@ async def test_whole_reply_is_one_start_and_one_body_then_its_background() -> No
         "headers": [(b"content-type", b"application/json"), (b"content-length", b"11"), (b"x-a", b"1")],
     }
     assert client.bodies() == [b'{"ok":true}'] and ran == [True]
+
+
+async def test_the_disconnect_listener_drives_receive_through_futures_and_bare_yields() -> None:
+    gone, messages, left = asyncio.Event(), [], []
+
+    async def receive() -> dict[str, Any]:
+        await asyncio.sleep(0)  # a bare yield: stepped again by the loop
+        if not messages:
+            messages.append("body")
+            return {"type": "http.request", "body": b"", "more_body": False}  # not a disconnect: listen on
+        await gone.wait()  # a future
+        return {"type": "http.disconnect"}
+
+    listener = _Disconnect(receive, lambda: left.append(True))
+    await asyncio.sleep(0.01)
+    assert left == [] and messages == ["body"]
+    gone.set()
+    await asyncio.sleep(0.01)
+    assert left == [True]
+    listener.close()  # after the disconnect: nothing left to do
+
+
+async def test_a_closed_disconnect_listener_stops_listening_and_releases_receive() -> None:
+    gone, left, released = asyncio.Event(), [], []
+
+    async def receive() -> dict[str, Any]:
+        try:
+            await gone.wait()
+        finally:
+            released.append(True)
+        return {"type": "http.disconnect"}
+
+    listener = _Disconnect(receive, lambda: left.append(True))
+    listener.close()
+    assert released == [True]
+    gone.set()
+    await asyncio.sleep(0.01)
+    assert left == []
+
+
+async def test_a_receive_that_fails_is_not_a_disconnect() -> None:
+    left = []
+
+    async def receive() -> dict[str, Any]:
+        await asyncio.sleep(0)
+        raise RuntimeError("the server's own failure")
+
+    _Disconnect(receive, lambda: left.append(True))
+    await asyncio.sleep(0.01)
+    assert left == []
