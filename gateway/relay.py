@@ -258,7 +258,6 @@ class StreamRelay:
         "_closed",
         "_deadline",
         "_failure",
-        "_failure_sent",
         "_finished",
         "_guard",
         "_health",
@@ -303,7 +302,6 @@ class StreamRelay:
         self._response: httpx.Response | None = None
         self._chunks: AsyncIterator[bytes] | None = None
         self._failure: ErrorDetail | None = None
-        self._failure_sent = False
         self._closed = False
         self._deadline = 0.0
         backend.in_flight += 1
@@ -353,71 +351,55 @@ class StreamRelay:
             await self.close()
             raise
 
-    async def events(self, first: list[bytes]) -> AsyncIterator[bytes]:
+    def events(self, first: list[bytes]) -> AsyncIterator[bytes]:
         """The response body: the events of each of the upstream's reads as one piece, each with its
         SSE id; a failure ends them with an error event."""
-        try:
-            yield first[0] if len(first) == 1 else b"".join(first)
-            while (group := await self._next_group()) is not None:
-                yield group[0] if len(group) == 1 else b"".join(group)
-        except (GeneratorExit, asyncio.CancelledError):
-            self._abandoned()
-            raise
-        finally:
-            await self.close()
+        return self._relay(first, joined=True)
 
-    async def groups(self, first: list[bytes]) -> AsyncIterator[list[bytes]]:
+    def groups(self, first: list[bytes]) -> AsyncIterator[list[bytes]]:
         """The same events as :meth:`events`, in the groups the upstream's reads complete them."""
-        try:
-            yield first
-            while (group := await self._next_group()) is not None:
-                yield group
-        except (GeneratorExit, asyncio.CancelledError):
-            self._abandoned()
-            raise
-        finally:
-            await self.close()
+        return self._relay(first, joined=False)
 
-    async def _next_group(self) -> list[bytes] | None:
-        """The events the next reads complete; after a failure, its error event; then None.
-
-        A coroutine each of :meth:`events` and :meth:`groups` awaits, rather than one generator
-        wrapping the other: each async generator costs about 7,000 instructions to start and end (the
-        loop registers it), and every generator between the body and the upstream adds to each read."""
+    async def _relay(self, first: list[bytes], *, joined: bool) -> AsyncIterator[Any]:
+        # One async generator for both: the event loop registers and finalises each one (about 7,000
+        # instructions), and each generator or coroutine between the body and the upstream's read
+        # is entered and left again for every event.
         reply = self.reply
         chunks = self._chunks
         assert chunks is not None
-        while not reply.done and self._failure is None:
-            waited = time.monotonic()
-            try:
-                chunk = await chunks.__anext__()
-            except StopAsyncIteration:
-                self._fail("upstream_truncated", "The upstream closed the stream before it was complete.")
-                break
-            except httpx.ReadTimeout:
-                self._fail("idle_timeout", f"The upstream sent nothing for {self._timeouts.idle:g} s.")
-                break
-            except httpx.HTTPError as exc:
-                self._fail("upstream_disconnected", f"The upstream connection failed mid-stream: {exc!s}")
-                break
-            now = time.monotonic()
-            reply.upstream_time += now - waited
-            group = self._take(chunk)
-            if now > self._deadline and not reply.done:
-                self._fail("total_timeout", f"The reply took longer than {self._timeouts.total:g} s.")
-            if group:
-                since = now - reply.started
-                reply.gaps.append(since - self._last)
-                self._last = since
-                return group
-        if self._failure is not None and not self._failure_sent:
-            self._failure_sent = True
-            return [self.numbered(format_event(error_body(self._failure)))]
-        return None
-
-    def _abandoned(self) -> None:
-        if not self.reply.done and self.reply.error is None:
-            self.reply.error = "cancelled"
+        try:
+            yield (first[0] if len(first) == 1 else b"".join(first)) if joined else first
+            while not reply.done and self._failure is None:
+                waited = time.monotonic()
+                try:
+                    chunk = await chunks.__anext__()
+                except StopAsyncIteration:
+                    self._fail("upstream_truncated", "The upstream closed the stream before it was complete.")
+                    break
+                except httpx.ReadTimeout:
+                    self._fail("idle_timeout", f"The upstream sent nothing for {self._timeouts.idle:g} s.")
+                    break
+                except httpx.HTTPError as exc:
+                    self._fail("upstream_disconnected", f"The upstream connection failed mid-stream: {exc!s}")
+                    break
+                now = time.monotonic()
+                reply.upstream_time += now - waited
+                if group := self._take(chunk):
+                    since = now - reply.started
+                    reply.gaps.append(since - self._last)
+                    self._last = since
+                    yield (group[0] if len(group) == 1 else b"".join(group)) if joined else group
+                if now > self._deadline and not reply.done:
+                    self._fail("total_timeout", f"The reply took longer than {self._timeouts.total:g} s.")
+            if self._failure is not None:
+                error = self.numbered(format_event(error_body(self._failure)))
+                yield error if joined else [error]
+        except (GeneratorExit, asyncio.CancelledError):
+            if not reply.done and reply.error is None:
+                reply.error = "cancelled"
+            raise
+        finally:
+            await self.close()
 
     @property
     def request_id(self) -> str:

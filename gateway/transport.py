@@ -58,6 +58,7 @@ class _Connection(asyncio.Protocol):
         self._deadline = 0.0
         self._total: float | None = None
         self._until: float | None = None
+        self._waited_until: float | None = None
         self._until_body = False
         self._chunks: collections.deque[bytes] = collections.deque()
         self._buffered = 0
@@ -125,7 +126,9 @@ class _Connection(asyncio.Protocol):
         if self._buffered > _HIGH_WATER and not self._paused and self.transport is not None:
             self._paused = True
             self.transport.pause_reading()
-        self._wake()
+        waiter = self._waiter  # _wake(), inline: this runs for every streamed event
+        if waiter is not None and not waiter.done():
+            waiter.set_result(True)
 
     def on_message_complete(self) -> None:
         self.complete = True
@@ -158,8 +161,15 @@ class _Connection(asyncio.Protocol):
     async def wait(self, timeout: float | None) -> None:
         """Until the upstream sends something or closes; ``httpx.ReadTimeout`` after ``timeout`` s,
         or when the request's ``total`` (``begin()``) is up, whichever comes first."""
+        if not await self.waiter(timeout):
+            raise self.timed_out(timeout)
+
+    def waiter(self, timeout: float | None) -> asyncio.Future[bool]:
+        """What :meth:`wait` awaits: True when the upstream sends something or closes, False at the
+        deadline (then raise :meth:`timed_out`). Awaited directly by a body's reads, which saves a
+        coroutine for every streamed event."""
         loop = self._pool.loop
-        until = self._until
+        self._waited_until = until = self._until
         self._waiter = waiter = loop.create_future()
         if timeout is not None or until is not None:
             deadline = loop.time() + timeout if timeout is not None else _FOREVER
@@ -174,16 +184,16 @@ class _Connection(asyncio.Protocol):
                     self._timer.cancel()
                 self._timer = loop.call_at(deadline, self._expire)
                 self._timer_at = deadline
-        try:
-            woken = await waiter
-        finally:
-            self._waiter = None
-        if not woken:
-            if until is not None and self._deadline == until:
-                if self._until_body:
-                    raise FirstByteTimeout(f"The upstream sent no body within {self._total:g} s.")
-                raise httpx.ReadTimeout(f"The upstream did not answer within {self._total:g} s.")
-            raise httpx.ReadTimeout(f"The upstream sent nothing for {timeout:g} s.")
+        return waiter
+
+    def timed_out(self, timeout: float | None) -> httpx.ReadTimeout:
+        """The error for a waiter that came back False."""
+        until = self._waited_until
+        if until is not None and self._deadline == until:
+            if self._until_body:
+                return FirstByteTimeout(f"The upstream sent no body within {self._total:g} s.")
+            return httpx.ReadTimeout(f"The upstream did not answer within {self._total:g} s.")
+        return httpx.ReadTimeout(f"The upstream sent nothing for {timeout:g} s.")
 
     def _expire(self) -> None:
         self._timer = None
@@ -256,13 +266,14 @@ class _Body(httpx.AsyncByteStream):
     async def __anext__(self) -> bytes:
         connection = self._connection
         while True:
-            if connection.has_body():
+            if connection._chunks:  # has_body(), inline: asked twice for every streamed event
                 return connection.take()
             if connection.complete:
                 raise StopAsyncIteration
             if connection.error is not None:
                 raise connection.error
-            await connection.wait(self._timeout)
+            if not await connection.waiter(self._timeout):
+                raise connection.timed_out(self._timeout)
 
     async def aclose(self) -> None:
         if not self._released:
