@@ -1,6 +1,6 @@
 """Instructions per relayed request, counted by valgrind: a figure that does not move with the machine.
 
-    .venv/bin/python -m tests.bench.instructions [--stream [--tokens N] [--paced]] [--realistic [--without PARTS]]
+    .venv/bin/python -m tests.bench.instructions [--stream [--tokens N] [--lockstep]] [--realistic [--without PARTS]]
         [--requests N]
 
 CPU time on a shared machine moves by 10-20% between runs, more than most single changes to the hot
@@ -17,13 +17,17 @@ counted too. The figure is the difference between two runs of the same warm-up a
 requests, over 2N: start-up and warm-up cancel out.
 Both runs take about 5 minutes under valgrind with the default ``--requests 640``.
 
-``--paced`` spaces a stream's tokens 5 ms apart, as a real model does, and runs one stream at a time:
-each event then comes in a read of its own, with its own wake-up, which is what a chunk costs the
-gateway at a model's pace (without it, the upstream writes a stream's events back to back and one read
-often carries several). ``--tokens 1`` leaves mostly what a stream costs to open: what each of a
-burst of streams started together waits for. Under valgrind the gateway is about 50 times slower than natively, so more
-streams at once would no longer keep up with the pace and their events would again arrive together.
-``--requests`` then defaults to 32.
+``--tokens 1`` leaves mostly what a stream costs to open: what each of a burst of streams started
+together waits for.
+
+``--lockstep`` streams one at a time from an upstream in the same process that writes each event only
+once the gateway has relayed the one before: every event comes in a read of its own, with its own
+wake-up, as at a model's pace (the bench upstream writes a stream's events back to back, and one read
+often carries several). Spacing the tokens in time instead would not keep the count steady: under
+valgrind the gateway runs about 50 times slower, and how often events still arrive together moved
+the count by 3% between runs. Lock-step counts agree within 0.1%. They include that upstream's own
+work, an asyncio stream server's, the same for every version of the gateway: compare them with each
+other only. ``--requests`` then defaults to 32.
 """
 
 from __future__ import annotations
@@ -42,10 +46,10 @@ from typing import Any
 
 from tests.bench import config, procs
 from tests.bench.loadgen import BENCH_KEY
+from tests.bench.upstream import STREAM_HEAD, stream_events
 from tests.conftest import RedisServer
 
 _CONCURRENCY = 64
-_TOKEN_DELAY = 0.005
 _TOKENS = 64  # the bench upstream's default
 _WARMUP_PER_WORKER = 10
 _COLLECTED = re.compile(r"Collected : (\d+)")
@@ -73,24 +77,60 @@ def _scope(body: bytes, key: bool) -> dict[str, Any]:
     }
 
 
+_MODELS_BODY = b'{"object":"list","data":[{"id":"bench-model","object":"model"}]}'
+_MODELS = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (
+    len(_MODELS_BODY),
+    _MODELS_BODY,
+)
+
+
+async def _lockstep_upstream(tokens: int, relayed: asyncio.Event) -> tuple[asyncio.Server, str]:
+    """A streaming upstream that writes each event once ``relayed`` says the one before reached the client."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                if head.startswith(b"GET "):  # the gateway's health check, GET /v1/models
+                    writer.write(_MODELS)
+                    continue
+                lines = head.lower().split(b"\r\n")
+                length = next(int(line[15:]) for line in lines if line.startswith(b"content-length:"))
+                await reader.readexactly(length)
+                writer.write(STREAM_HEAD)
+                for event in stream_events(tokens):
+                    relayed.clear()
+                    writer.write(event)
+                    await relayed.wait()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"
+
+
 async def _drive(
-    base_url: str, requests: int, tokens: int, paced: bool, redis_url: str | None, without: list[str]
+    base_url: str, requests: int, tokens: int, lockstep: bool, redis_url: str | None, without: list[str]
 ) -> None:
     """``tokens``: per stream, or 0 for non-streamed requests."""
     from gateway.app import create_app
     from gateway.settings import load_file
+
+    relayed = asyncio.Event()
+    server = None
+    if lockstep:
+        server, base_url = await _lockstep_upstream(tokens, relayed)
 
     with tempfile.TemporaryDirectory(prefix="bench-instructions-") as directory:
         path = Path(directory) / "gateway.toml"
         path.write_text(config.realistic(base_url, redis_url, without) if redis_url else config.bare(base_url))
         settings = load_file(path)
     app = create_app(settings)
-    body = b'{"model":"bench-model","messages":[{"role":"user","content":"hello"}]%s%s%s}' % (
+    body = b'{"model":"bench-model","messages":[{"role":"user","content":"hello"}]%s%s}' % (
         b',"stream":true' if tokens else b"",
         b',"max_tokens":%d' % tokens if tokens and tokens != _TOKENS else b"",
-        b',"bench_token_delay":%g' % _TOKEN_DELAY if paced else b"",
     )
-    concurrency = 1 if paced else _CONCURRENCY
+    concurrency = 1 if lockstep else _CONCURRENCY
 
     async def one() -> None:
         delivered = False
@@ -110,7 +150,9 @@ async def _drive(
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-            elif not message.get("more_body"):
+                return
+            relayed.set()
+            if not message.get("more_body"):
                 complete.set()
 
         await app(_scope(body, redis_url is not None) | {"state": {}}, receive, send)
@@ -134,16 +176,20 @@ async def _drive(
     await lifespan.put({"type": "lifespan.shutdown"})
     await answers.get()
     await running
+    if server is not None:
+        server.close()
 
 
-def _count(base_url: str, requests: int, tokens: int, paced: bool, redis_url: str | None, without: list[str]) -> int:
+def _count(base_url: str, requests: int, tokens: int, lockstep: bool, redis_url: str | None, without: list[str]) -> int:
     command = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable]
     command += ["-m", "tests.bench.instructions", "--drive", base_url, "--requests", str(requests)]
     command += ["--stream", "--tokens", str(tokens)] if tokens else []
-    command += ["--paced"] if paced else []
+    command += ["--lockstep"] if lockstep else []
     command += ["--redis", redis_url] if redis_url else []
     command += ["--without", ",".join(without)] if without else []
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    # One hash seed for every run: dict and set layouts, and so their probing, then repeat.
+    environment = {**os.environ, "PYTHONHASHSEED": "0"}
+    done = subprocess.run(command, capture_output=True, text=True, check=False, env=environment)
     found = _COLLECTED.search(done.stderr)
     if done.returncode != 0 or found is None:
         raise SystemExit(f"the run under valgrind failed ({done.returncode}):\n{done.stderr[-3000:]}")
@@ -152,10 +198,12 @@ def _count(base_url: str, requests: int, tokens: int, paced: bool, redis_url: st
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--requests", type=int, help="N: the runs make N and 3N requests (default 640, paced 32)")
+    parser.add_argument("--requests", type=int, help="N: the runs make N and 3N requests (default 640, lock-step 32)")
     parser.add_argument("--stream", action="store_true", help="streamed requests (64 tokens each, no delay)")
     parser.add_argument("--tokens", type=int, default=_TOKENS, help="with --stream: tokens a stream (default 64)")
-    parser.add_argument("--paced", action="store_true", help="with --stream: tokens 5 ms apart, one stream at a time")
+    parser.add_argument(
+        "--lockstep", action="store_true", help="with --stream: one read per event, one stream at a time (see above)"
+    )
     parser.add_argument("--realistic", action="store_true", help="history in Redis, an API key and rate limits")
     parser.add_argument(
         "--without", default="", help=f"with --realistic: parts left out, comma-separated ({', '.join(config.PARTS)})"
@@ -166,8 +214,8 @@ def main() -> int:
     without = [part for part in args.without.split(",") if part]
     if unknown := set(without) - set(config.PARTS):
         parser.error(f"--without: no such part {', '.join(sorted(unknown))}; the parts: {', '.join(config.PARTS)}")
-    if (args.paced or args.tokens != _TOKENS) and not args.stream:
-        parser.error("--paced and --tokens are for streams: add --stream")
+    if (args.lockstep or args.tokens != _TOKENS) and not args.stream:
+        parser.error("--lockstep and --tokens are for streams: add --stream")
     if args.tokens < 1:
         parser.error("--tokens: at least 1")
     tokens = args.tokens if args.stream else 0
@@ -175,13 +223,13 @@ def main() -> int:
         import uvloop
 
         gc.set_threshold(10_000, 20, 50)  # as gateway serve does
-        uvloop.run(_drive(args.drive, args.requests, tokens, args.paced, args.redis, without))
+        uvloop.run(_drive(args.drive, args.requests, tokens, args.lockstep, args.redis, without))
         return 0
     if shutil.which("valgrind") is None:
         raise SystemExit("needs valgrind (Debian: apt-get install valgrind)")
     if args.requests is None:
-        args.requests = 32 if args.paced else 640
-    requests = args.requests if args.paced else args.requests // _CONCURRENCY * _CONCURRENCY
+        args.requests = 32 if args.lockstep else 640
+    requests = args.requests if args.lockstep else args.requests // _CONCURRENCY * _CONCURRENCY
     gateway_cpus, rest = procs.cpu_plan()
     with tempfile.TemporaryDirectory(prefix="bench-instructions-") as logs:
         upstream, base_url = procs.upstream(Path(logs), rest)
@@ -192,15 +240,15 @@ def main() -> int:
             if gateway_cpus:
                 os.sched_setaffinity(0, gateway_cpus)
             redis_url = redis.url if redis is not None else None
-            low = _count(base_url, requests, tokens, args.paced, redis_url, without)
-            high = _count(base_url, 3 * requests, tokens, args.paced, redis_url, without)
+            low = _count(base_url, requests, tokens, args.lockstep, redis_url, without)
+            high = _count(base_url, 3 * requests, tokens, args.lockstep, redis_url, without)
         finally:
             upstream.stop()
             if redis is not None:
                 redis.stop()
     kind = "non-streamed"
     if args.stream:
-        kind = f"streamed ({tokens} token{'s' if tokens > 1 else ''}{', 5 ms apart' if args.paced else ''})"
+        kind = f"streamed ({tokens} token{'s' if tokens > 1 else ''}{', lock-step' if args.lockstep else ''})"
     kind += ", realistic" if args.realistic else ""
     kind += f" without {', '.join(without)}" if args.realistic and without else ""
     print(f"{(high - low) / (2 * requests):,.0f} instructions a {kind} request")

@@ -160,6 +160,11 @@ class _Tokens:
 _TOKENS = _Tokens()
 
 
+def stream_events(n: int) -> list[bytes]:
+    """A whole stream of ``n`` tokens as this upstream frames it (HTTP chunks), after its head."""
+    return [ROLE, *(_TOKENS[i] for i in range(n)), FINISH["stop"], DONE]
+
+
 class _Stream:
     """One streamed answer in progress, paced by the event loop's timers."""
 
