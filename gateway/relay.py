@@ -46,7 +46,7 @@ from gateway.routing import Route, Target
 from gateway.settings import Settings
 from gateway.sse import DONE, EventSplitter, event_data, format_event
 from gateway.transport import FirstByteTimeout
-from gateway.upstream import open_response, sends_bytes
+from gateway.upstream import direct_transport, open_response
 from gateway.wire import ErrorDetail, decode_chunk, decode_completion, rewrite_fields
 
 __all__ = ["StreamRelay", "forward"]
@@ -317,7 +317,7 @@ class StreamRelay:
         try:
             # The gateway's transport keeps the first-token deadline in its reads (until the first
             # body bytes): a Deadline's timer, set and cancelled, costs about 12,000 instructions.
-            with _NO_DEADLINE if sends_bytes(self._backend) else Deadline(first_token):
+            with _NO_DEADLINE if direct_transport(self._backend) is not None else Deadline(first_token):
                 self._response = response = await open_response(
                     self._backend,
                     path,

@@ -23,7 +23,7 @@ from gateway.deadline import Deadline
 from gateway.errors import UpstreamStatus, upstream_errors
 from gateway.transport import Transport
 
-__all__ = ["open_response", "sends_bytes"]
+__all__ = ["direct_transport", "open_response"]
 
 # Headers of an upstream error worth passing on: the SDK's backoff reads them.
 _PASSED_ON_ERROR = ("retry-after", "retry-after-ms", "x-ratelimit-reset-requests", "x-ratelimit-reset-tokens")
@@ -41,15 +41,14 @@ async def open_response(
 ) -> httpx.Response:
     """The backend's response to ``body`` sent to ``path``: once its headers are in, for a stream;
     read whole, for the rest, within ``total`` seconds (else :class:`~gateway.errors.UpstreamTimeout`).
-    For a stream, when :func:`sends_bytes`, ``total`` bounds the wait for its headers and first body
+    For a stream, over a :func:`direct_transport`, ``total`` bounds the wait for its headers and first body
     bytes (:class:`~gateway.transport.FirstByteTimeout`, as the ``UpstreamTimeout``'s cause);
     otherwise the caller keeps that deadline."""
     client = backend.client
-    transport = client._transport
     accept = b"text/event-stream" if stream else b"application/json"
     rid = request_id.encode()
     with upstream_errors(backend.name):
-        if isinstance(transport, Transport) and not client.event_hooks["request"]:  # sends_bytes()
+        if (transport := direct_transport(backend)) is not None:
             data = b"%saccept: %s\r\nx-request-id: %s\r\ncontent-length: %d\r\n\r\n%s" % (
                 backend.request_head(path),
                 accept,
@@ -59,6 +58,7 @@ async def open_response(
             )
             response = await transport.send(backend.origin, data, timeout.as_dict(), read=not stream, total=total)
         else:
+            other = client._transport
             headers = [*backend.header_list, (b"accept", accept), (b"x-request-id", rid)]
             request = httpx.Request(
                 "POST", backend.url(path), content=body, headers=headers, extensions={"timeout": timeout.as_dict()}
@@ -66,9 +66,9 @@ async def open_response(
             for hook in client.event_hooks["request"]:
                 await hook(request)
             if stream:
-                response = await transport.handle_async_request(request)  # total: the caller's
+                response = await other.handle_async_request(request)  # total: the caller's
             else:
-                response = await _read_whole(transport, request, total)
+                response = await _read_whole(other, request, total)
             response.request = request
         if response.status_code >= 400:
             try:
@@ -80,10 +80,12 @@ async def open_response(
     return response
 
 
-def sends_bytes(backend: Backend) -> bool:
-    """Whether a request to ``backend`` goes out as bytes built here, over the gateway's transport."""
+def direct_transport(backend: Backend) -> Transport | None:
+    """The gateway's transport, when a request to ``backend`` goes out over it as bytes built here;
+    None when an ``httpx.Request`` must be built (another transport, or request hooks to run)."""
     client = backend.client
-    return isinstance(client._transport, Transport) and not client.event_hooks["request"]
+    transport = client._transport
+    return transport if isinstance(transport, Transport) and not client.event_hooks["request"] else None
 
 
 async def _read_whole(
