@@ -84,10 +84,21 @@ def default_http_client() -> httpx.AsyncClient:
 
 def _redis_client(url: str) -> Any:
     from redis.asyncio import Redis
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+    from redis.exceptions import ConnectionError as RedisConnectionError
 
     # Short socket timeouts: a Redis outage must fail a request fast, not hang it (history queues,
-    # conversation reads answer 503).
-    return Redis.from_url(url, socket_connect_timeout=1.0, socket_timeout=2.0, health_check_interval=10)
+    # conversation reads answer 503). One retry on a new connection for a connection error: after a
+    # Redis restart every pooled connection is stale, and its first command would fail the request.
+    return Redis.from_url(
+        url,
+        socket_connect_timeout=1.0,
+        socket_timeout=2.0,
+        health_check_interval=10,
+        retry=Retry(NoBackoff(), 1),
+        retry_on_error=[RedisConnectionError],
+    )
 
 
 def _history_store(settings: Settings, redis: Any) -> HistoryStore:
