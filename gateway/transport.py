@@ -25,7 +25,7 @@ from typing import Any
 import httptools
 import httpx
 
-__all__ = ["DEFAULT_LIMITS", "FirstByteTimeout", "Transport"]
+__all__ = ["DEFAULT_LIMITS", "FirstByteTimeout", "Transport", "raw_headers"]
 
 # Per connection, how much unread response body is buffered before reading from the upstream pauses
 # (the client reading the relay is slower than the upstream writing it).
@@ -292,6 +292,45 @@ class _Read(httpx.AsyncByteStream):
 _READ = _Read()
 
 
+class _Response(httpx.Response):
+    """The transport's ``httpx.Response``, whose ``headers`` are parsed the first time they are read.
+
+    ``httpx.Response()`` parses every header into httpx's ``Headers`` at once: 13,500 instructions
+    for a stream's three, two thirds of making the response, and the relay reads only the raw list
+    (:func:`raw_headers`). The rest is ``httpx.Response.__init__``'s own assignments for a response
+    given a stream; tests/test_transport.py holds them to the attributes httpx's own has."""
+
+    def __init__(self, status_code: int, headers: list[tuple[bytes, bytes]], stream: httpx.AsyncByteStream) -> None:
+        self.status_code = status_code
+        self.raw_headers = headers
+        self._headers: httpx.Headers | None = None
+        self._request: httpx.Request | None = None
+        self.next_request: httpx.Request | None = None
+        self.extensions = {"http_version": b"HTTP/1.1"}
+        self.history: list[httpx.Response] = []
+        self.is_closed = False
+        self.is_stream_consumed = False
+        self.default_encoding = "utf-8"
+        self.stream = stream
+        self._num_bytes_downloaded = 0
+
+    @property  # type: ignore[override]
+    def headers(self) -> httpx.Headers:
+        if self._headers is None:
+            self._headers = httpx.Headers(self.raw_headers)
+        return self._headers
+
+    @headers.setter
+    def headers(self, value: httpx.Headers) -> None:
+        self._headers = httpx.Headers(value)
+        self.raw_headers = self._headers.raw
+
+
+def raw_headers(response: httpx.Response) -> list[tuple[bytes, bytes]]:
+    """A response's headers as the upstream sent them: over this transport, without parsing them."""
+    return response.raw_headers if isinstance(response, _Response) else response.headers.raw
+
+
 class _Pool:
     """Idle connections per origin, newest first, and a bound on how many are open at once."""
 
@@ -513,19 +552,14 @@ class Transport(httpx.AsyncBaseTransport):
             if any(name.lower() == b"content-encoding" for name, _ in headers):
                 response = httpx.Response(connection.status, headers=headers, content=content, extensions=_EXTENSIONS)
             else:
-                response = httpx.Response(connection.status, headers=headers, stream=_READ, extensions=_EXTENSIONS)
+                response = _Response(connection.status, headers, _READ)
                 # The body is whole and needs no decoding: httpx's read would pass it through its
                 # decoder chain, a tenth of the call, to the same bytes.
                 response._content = content
                 # ... and the connection is back in the pool: aread() and aclose() have nothing to do.
                 response.is_stream_consumed = response.is_closed = True
         else:
-            response = httpx.Response(
-                connection.status,
-                headers=connection.headers,
-                stream=_Body(connection, read_timeout),
-                extensions=_EXTENSIONS,
-            )
+            response = _Response(connection.status, connection.headers, _Body(connection, read_timeout))
         if request is not None:
             response.request = request
         return response

@@ -21,7 +21,7 @@ import pytest
 from gateway.backends import Backend
 from gateway.errors import UpstreamTimeout
 from gateway.settings import BackendSettings
-from gateway.transport import FirstByteTimeout, Transport, _Connection, _Pool
+from gateway.transport import FirstByteTimeout, Transport, _Connection, _Pool, _Response, raw_headers
 from gateway.upstream import open_response
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -584,6 +584,34 @@ async def test_a_read_answer_is_whole_and_decoded(transport: Transport) -> None:
             assert await response.aread() == expected
             await response.aclose()
         assert server.connections == 1
+
+
+def test_the_transports_response_has_the_attributes_httpx_gives_its_own() -> None:
+    # _Response skips httpx.Response.__init__ to leave the headers unparsed: an attribute a newer
+    # httpx sets there would be missing from it, and its methods would fail on it.
+    stream = httpx.ByteStream(b"")
+    made_by_httpx = set(vars(httpx.Response(200, headers=[(b"a", b"b")], stream=stream)))
+    ours = _Response(200, [(b"a", b"b")], stream)
+    assert set(vars(ours)) - {"raw_headers", "_headers"} == made_by_httpx - {"headers"}
+
+
+async def test_the_transports_response_parses_its_headers_when_first_read() -> None:
+    raw = [(b"Content-Type", b"application/json; charset=utf-8"), (b"Set-Cookie", b"a=1"), (b"set-cookie", b"b=2")]
+    response = _Response(201, raw, httpx.ByteStream(b'{"ok": "\xc3\xa9"}'))
+    assert raw_headers(response) is raw
+    assert response._headers is None  # nothing parsed yet
+    assert response.headers.raw == httpx.Headers(raw).raw
+    assert response.headers["content-type"] == "application/json; charset=utf-8"
+    assert response.headers.get_list("set-cookie") == ["a=1", "b=2"]
+    assert await response.aread() == b'{"ok": "\xc3\xa9"}'
+    assert response.json() == {"ok": "\u00e9"}
+    assert response.encoding == "utf-8"
+    response.request = httpx.Request("POST", "http://upstream/v1")
+    response.raise_for_status()
+    response.headers = httpx.Headers({"x-new": "1"})
+    assert raw_headers(response) == [(b"x-new", b"1")]
+    # Any other response: its own parsed headers.
+    assert raw_headers(httpx.Response(200, headers=raw)) == httpx.Headers(raw).raw
 
 
 async def test_a_body_left_unread_does_not_leak_into_the_next_response(client: httpx.AsyncClient) -> None:
