@@ -15,7 +15,7 @@ from litestar.types import ASGIApp, Receive, Send
 from litestar.types import Scope as LitestarScope
 
 from gateway import history_api
-from gateway.auth import Principal, authenticate_request
+from gateway.auth import Principal, authenticate_scope
 from gateway.errors import GatewayError, ModelNotFound, RateLimited, error_response
 from gateway.history import Turn, new_conversation, scope_of
 from gateway.limits import Admission, texts
@@ -29,8 +29,8 @@ from gateway.wire import REMOVE, LegacyChat, ModelCard, ModelList, encode
 __all__ = ["Dispatch", "handlers", "legacy_chat"]
 
 
-def principal_of(request: Request) -> Principal:
-    return request.scope["state"]["principal"]
+def principal_of(scope: LitestarScope) -> Principal:
+    return scope["state"]["principal"]
 
 
 def _route(state: State, principal: Principal, model: str) -> Route:
@@ -40,15 +40,15 @@ def _route(state: State, principal: Principal, model: str) -> Route:
     return resolve(model, state.backends, state.settings.aliases, state.fallbacks)
 
 
-def _note(request: Request, route: Route, *, stream: bool, user: str | None = None) -> dict[str, Any]:
+def _note(scope: LitestarScope, route: Route, *, stream: bool, user: str | None = None) -> dict[str, Any]:
     """What the request is about, kept in its scope for its access line, metrics and span
     (gateway/observe.py); ``_forward`` adds the reply."""
-    noted: dict[str, Any] = request.scope["state"]
+    noted: dict[str, Any] = scope["state"]
     noted.update(model=route.model, backend=route.targets[0].backend.name, stream=stream, user=user)
     return noted
 
 
-Answer = Callable[[Request, State, bytes], Awaitable[Response[bytes] | Stream]]
+Answer = Callable[[LitestarScope, State, bytes], Awaitable[Response[bytes] | Stream]]
 Listing = Callable[[Request, State], Awaitable[Response[bytes]]]
 
 
@@ -59,7 +59,11 @@ def _endpoint(path: str, answer: Answer, listing: Listing | None = None) -> ASGI
     Against a route handler taking only the request and returning a
     :class:`~gateway.responses.WholeReply`, this measured 273 -> 250 us of CPU a request in-process
     (README, Performance). ``listing`` answers GET, for the path it shares with the stored
-    completions' listing."""
+    completions' listing.
+
+    A POST's answer takes the ASGI scope: Litestar's ``Request`` costs about 14,000 instructions to
+    make (its connection state alone 8,000), for nothing these handlers read. One is made for GET's
+    listing and for rendering an error."""
     allow = "GET, OPTIONS, POST" if listing is not None else "OPTIONS, POST"
 
     async def endpoint(scope: LitestarScope, receive: Receive, send: Send) -> None:
@@ -68,22 +72,23 @@ def _endpoint(path: str, answer: Answer, listing: Listing | None = None) -> ASGI
             await send({"type": "http.response.start", "status": 204, "headers": [(b"allow", allow.encode())]})
             await send({"type": "http.response.body", "body": b""})
             return
-        request: Request = Request(scope, receive, send)
+        request: Request | None = None
         response: Response[bytes] | Stream
         try:
             if method != "POST" and not (method == "GET" and listing is not None):
                 raise MethodNotAllowedException(headers={"allow": allow})
-            await authenticate_request(request)
-            state = request.app.state
+            state = scope["litestar_app"].state
+            await authenticate_scope(scope, state.auth)
             if method == "GET":
-                response = await listing(request, state)  # type: ignore[misc]
+                response = await listing(request := Request(scope, receive, send), state)  # type: ignore[misc]
             else:
                 body = await read_body(scope, receive, state.settings.server.max_body_size)
-                response = await answer(request, state, body)
+                response = await answer(scope, state, body)
         except Exception as exc:
             # Rendered here, as Litestar's exception handler would: Dispatch calls this past Litestar.
-            response = error_response(request, exc)
-        await response.to_asgi_response(None, request)(scope, receive, send)
+            response = error_response(request or Request(scope, receive, send), exc)
+        # Neither the gateway's replies nor Litestar's Response read the request here.
+        await response.to_asgi_response(None, request)(scope, receive, send)  # type: ignore[arg-type]
 
     endpoint.__name__ = endpoint.__qualname__ = f"endpoint_{path.strip('/').replace('/', '_')}"
     # copy_scope=False: what the handler notes in the scope's state is read by gateway/observe.py.
@@ -118,13 +123,13 @@ class Dispatch:
         await self._router(scope, receive, send)
 
 
-async def _chat(request: Request, state: State, body: bytes) -> Response[bytes] | Stream:
+async def _chat(asgi: LitestarScope, state: State, body: bytes) -> Response[bytes] | Stream:
     chat = parse_chat(body)
-    principal = principal_of(request)
+    principal = principal_of(asgi)
     route = _route(state, principal, chat.model)
-    noted = _note(request, route, stream=bool(chat.stream), user=chat.user or chat.safety_identifier)
-    rid = request_id(request)
-    scope = scope_of(request, chat.user or chat.safety_identifier)
+    noted = _note(asgi, route, stream=bool(chat.stream), user=chat.user or chat.safety_identifier)
+    rid = request_id(asgi)
+    scope = scope_of(asgi, chat.user or chat.safety_identifier)
     turn = await state.history.begin(scope, chat, model=route.model, request_id=rid)
     changes = turn.body_changes()
     stream = bool(chat.stream)
@@ -134,7 +139,7 @@ async def _chat(request: Request, state: State, body: bytes) -> Response[bytes] 
     if stream and (
         turn.conversation is not None
         or chat.background
-        or (header(request.scope, b"x-resumable") or "").lower() == "true"
+        or (header(asgi, b"x-resumable") or "").lower() == "true"
         or state.settings.resumable.always
     ):
 
@@ -166,18 +171,18 @@ async def _chat(request: Request, state: State, body: bytes) -> Response[bytes] 
 
 
 def _relay_as_is(path: str) -> Answer:
-    async def relay(request: Request, state: State, body: bytes) -> Response[bytes] | Stream:
-        return await _relay_routed(request, state, path, body)
+    async def relay(scope: LitestarScope, state: State, body: bytes) -> Response[bytes] | Stream:
+        return await _relay_routed(scope, state, path, body)
 
     return relay
 
 
-async def _relay_routed(request: Request, state: State, path: str, body: bytes) -> Response[bytes] | Stream:
+async def _relay_routed(scope: LitestarScope, state: State, path: str, body: bytes) -> Response[bytes] | Stream:
     routed = parse_routed(body)
-    principal = principal_of(request)
+    principal = principal_of(scope)
     route = _route(state, principal, routed.model)
-    noted = _note(request, route, stream=bool(routed.stream))
-    rid = request_id(request)
+    noted = _note(scope, route, stream=bool(routed.stream))
+    rid = request_id(scope)
     reserve = (len(body) + 3) // 4 + (routed.max_tokens or routed.max_output_tokens or 0)
     admission = await _admit(state, principal, rid, reserve)
     return await _forward(state, route, path, body, rid, bool(routed.stream), principal, admission, noted=noted)
@@ -265,7 +270,7 @@ responses = _endpoint("/responses", _relay_as_is("/responses"))
 
 
 def _visible_models(request: Request, state: State) -> list[tuple[str, str]]:
-    principal = principal_of(request)
+    principal = principal_of(request.scope)
     return [
         (name, owner)
         for name, owner in listed_models(state.backends, state.settings.aliases)
@@ -310,7 +315,7 @@ async def legacy_chat(request: Request, state: State) -> Response[bytes] | Strea
             "conversation": conversation.id,
         }
     )
-    return await _chat(request, state, body)
+    return await _chat(request.scope, state, body)
 
 
 handlers = [chat_completions, completions, embeddings, responses, list_models, retrieve_model]

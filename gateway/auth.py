@@ -17,6 +17,7 @@ from typing import Any
 
 from litestar.connection import ASGIConnection
 from litestar.handlers import BaseRouteHandler
+from litestar.types import Scope
 
 from gateway.errors import AuthenticationFailed, GatewayError, ServiceUnavailable
 from gateway.keys import KeyRecord, KeyStore, hash_key, static_keys
@@ -25,7 +26,7 @@ from gateway.request import header
 from gateway.settings import Settings
 from gateway.stores.base import StoreUnavailable
 
-__all__ = ["Authenticator", "PermissionDenied", "Principal", "authenticate", "require_master"]
+__all__ = ["Authenticator", "PermissionDenied", "Principal", "authenticate", "authenticate_scope", "require_master"]
 
 log = logging.getLogger("gateway.auth")
 
@@ -125,8 +126,7 @@ class Authenticator:
         self._cache.pop(digest, None)
 
 
-def presented_key(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:
-    scope = connection.scope
+def presented_key(scope: Scope) -> str | None:
     authorization = header(scope, b"authorization")
     if authorization:
         scheme, _, value = authorization.partition(" ")
@@ -138,9 +138,13 @@ async def authenticate_request(connection: ASGIConnection[Any, Any, Any, Any]) -
     """``before_request`` of every HTTP API route: the caller's principal and tenant go into the
     request's state. A hook rather than a guard: Litestar copies the route handler for every guard
     call, which cost as much as the rest of authentication."""
-    auth: Authenticator = connection.app.state.auth
-    principal = OPEN if auth.open else await auth.principal(presented_key(connection))
-    state = connection.scope["state"]
+    await authenticate_scope(connection.scope, connection.app.state.auth)
+
+
+async def authenticate_scope(scope: Scope, auth: Authenticator) -> None:
+    """Authentication as the hot routes call it, on the ASGI scope (gateway/api.py)."""
+    principal = OPEN if auth.open else await auth.principal(presented_key(scope))
+    state = scope["state"]
     state["principal"] = principal
     state["tenant"] = principal.tenant
 

@@ -56,10 +56,11 @@ _BATCH = 64
 """Records written per round of the writer."""
 
 
-def scope_of(request: Request, user: str | None = None) -> Scope:
+def scope_of(request: Request | dict[str, Any], user: str | None = None) -> Scope:
     """Who is asking: the tenant (set by authentication; one tenant in open mode) and the end user
-    the request names, in its body (``user`` / ``safety_identifier``, passed here) or ``X-User-Id``."""
-    scope = request.scope
+    the request names, in its body (``user`` / ``safety_identifier``, passed here) or ``X-User-Id``.
+    ``request``: a request, or its ASGI scope."""
+    scope = request if isinstance(request, dict) else request.scope
     tenant = scope.get("state", {}).get("tenant") or DEFAULT_TENANT
     return Scope(tenant, user or header(scope, b"x-user-id") or None)
 

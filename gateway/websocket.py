@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
-from litestar import Request, Response, WebSocket, websocket
+from litestar import Response, WebSocket, websocket
 from litestar.datastructures import State
 from litestar.exceptions import WebSocketDisconnect
 from litestar.response import Stream
@@ -167,7 +167,7 @@ class _Session:
     async def _answer(self, job: _Job) -> None:
         self.answered += 1
         rid = f"{self.socket_id}-{self.answered}"
-        # _chat reads only its request's scope and headers. Each request gets a scope state of its own:
+        # _chat reads only its request's scope. Each request gets a scope state of its own:
         # its request id, and what _chat notes there (model, reply...), as an HTTP request would.
         noted = {k: v for k, v in self.socket.scope["state"].items() if k != CONNECTION_STATE_KEY}
         noted["request_id"] = rid
@@ -191,8 +191,7 @@ class _Session:
         try:
             if len(job.body) > self.state.settings.server.max_body_size:
                 raise PayloadTooLarge()
-            request: Request[Any, Any, Any] = Request({**self.socket.scope, "state": noted})
-            chatting = asyncio.ensure_future(_chat(request, self.state, job.body))
+            chatting = asyncio.ensure_future(_chat({**self.socket.scope, "state": noted}, self.state, job.body))
             if not await _first(chatting, job.stop):
                 self._abandon(chatting, noted)
                 await self._cancelled(job, noted)
