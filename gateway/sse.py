@@ -29,16 +29,19 @@ class EventSplitter:
         buffer = self._buffer + chunk if self._buffer else chunk
         if buffer.find(b"\r") >= 0:  # find(): ``in`` on bytes costs twice as much (relay.py, _observe)
             buffer = _normalise(buffer)
-        end = buffer.rfind(b"\n\n")
+        end = buffer.find(b"\n\n")
         if end < 0:
             self._buffer = buffer
             return []
-        end += 2
-        self._buffer = buffer[end:]
-        complete = buffer[:end]
-        if complete.count(b"\n\n") == 1 and not complete.startswith(b"\n"):
-            return [complete]
-        return [event + b"\n\n" for event in complete.split(b"\n\n")[:-1] if event.strip(b"\n")]
+        if 0 < end == len(buffer) - 2:
+            # One event, ending the read, as tokens come at a model's pace. Each call of a bytes
+            # method costs about 1,000 instructions: this is 3,500 fewer than the split below.
+            self._buffer = b""
+            return [buffer]
+        # Cut from the left, as a reader of the whole stream would: however the reads split the
+        # bytes, the same events come out.
+        *events, self._buffer = buffer.split(b"\n\n")
+        return [event + b"\n\n" for event in events if event.strip(b"\n")]
 
     @property
     def pending(self) -> bytes:

@@ -55,3 +55,24 @@ def test_any_chunking_yields_the_same_events(payloads: list[bytes], data: st.Dat
     out = [event for chunk in chunks for event in splitter.feed(chunk)]
     assert out == [b"data: " + p + b"\n\n" for p in payloads]
     assert b"".join(out) == stream
+
+
+@given(st.lists(st.sampled_from([b"data: x", b"a", b":", b"\n", b"\r", b"\n\n", b"\r\n"]), max_size=40), st.data())
+def test_any_bytes_in_any_chunking_split_as_the_whole_stream_does(parts: list[bytes], data: st.DataObject) -> None:
+    # Blank-line-only events, carriage returns and several events a read, cut anywhere: single-event
+    # reads take a shorter path than the rest.
+    stream = b"".join(parts)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=10)))
+    chunks = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
+    splitter = EventSplitter()
+    events = [event for chunk in chunks for event in splitter.feed(chunk)]
+    assert events == EventSplitter().feed(stream)
+    assert all(event.endswith(b"\n\n") and event.strip(b"\n") and b"\r" not in event for event in events)
+
+
+def test_a_read_of_one_event_is_that_event() -> None:
+    splitter = EventSplitter()
+    event = b'data: {"a":1}\ndata: 2\n\n'
+    assert splitter.feed(event) == [event]
+    assert splitter.feed(b"\n\n") == []  # blank lines alone make no event
+    assert splitter.feed(b"\ndata: 3\n\n") == [b"\ndata: 3\n\n"]
