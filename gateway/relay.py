@@ -227,7 +227,7 @@ async def _unary(
     reply.upstream_time += now - sent
     reply.first_token = now - reply.started
     try:
-        reply.observe_completion(decode_completion(content))
+        reply.observe_completion(decode_completion(content, choices=reply.keep_message))
     except msgspec.DecodeError:
         log.debug("backend %s sent a reply the gateway could not read", backend.name)
     if on_end is not None:

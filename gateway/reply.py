@@ -10,7 +10,7 @@ from typing import Any
 
 import msgspec
 
-from gateway.wire import Chunk, Completion, Usage
+from gateway.wire import Chunk, Completion, CompletionHead, Usage
 
 __all__ = ["Reply"]
 
@@ -78,7 +78,7 @@ class Reply:
         self.keep_message = True
         """Whether the message itself is wanted (history records it, or the access log shows it).
         When not, a stream's chunks are read only for what the gateway needs from them: the id, the
-        usage, an in-band error."""
+        usage, an in-band error; and a non-streamed answer's choices are not decoded."""
         self.id: str | None = None
         self.model: str | None = None
         self.created: int | None = None
@@ -132,13 +132,17 @@ class Reply:
                     if call.function.arguments:
                         slot["function"]["arguments"].append(call.function.arguments)
 
-    def observe_completion(self, completion: Completion) -> None:
+    def observe_completion(self, completion: CompletionHead) -> None:
+        """A non-streamed answer: its message too when it is a whole :class:`Completion`."""
         self.id, self.model, self.created, self.usage = (
             completion.id,
             completion.model,
             completion.created,
             completion.usage,
         )
+        self.done = True
+        if not isinstance(completion, Completion):
+            return
         for choice in completion.choices or ():
             state = self._choices[choice.index] = _Choice()
             state.finish_reason = choice.finish_reason
@@ -161,7 +165,6 @@ class Reply:
                         "type": call.get("type", "function"),
                         "function": {"name": function.get("name"), "arguments": [function.get("arguments") or ""]},
                     }
-        self.done = True
 
     def choices(self, unfinished: str) -> list[dict[str, Any]]:
         """The reply's ``choices`` as OpenAI's ``chat.completion`` writes them (one, empty, when

@@ -20,6 +20,7 @@ __all__ = [
     "Chunk",
     "ChunkChoice",
     "Completion",
+    "CompletionHead",
     "Delta",
     "ErrorBody",
     "ErrorDetail",
@@ -143,14 +144,20 @@ class CompletionChoice(Wire):
     finish_reason: str | None = None
 
 
-class Completion(Wire):
-    """A non-streamed ``chat.completion``, as the gateway observes it."""
+class CompletionHead(Wire):
+    """What the gateway reads of a non-streamed ``chat.completion`` whose message nobody keeps (no
+    history, no body logs): decoding the choices as well takes twice as long."""
 
     id: str | None = None
     model: str | None = None
     created: int | None = None
-    choices: list[CompletionChoice] | None = None
     usage: Usage | None = None
+
+
+class Completion(CompletionHead):
+    """A non-streamed ``chat.completion``, as the gateway observes it."""
+
+    choices: list[CompletionChoice] | None = None
 
 
 class ModelCard(msgspec.Struct, kw_only=True):
@@ -206,6 +213,7 @@ _chat_decoder = msgspec.json.Decoder(ChatRequest)
 _routed_decoder = msgspec.json.Decoder(RoutedRequest)
 _chunk_decoder = msgspec.json.Decoder(Chunk)
 _completion_decoder = msgspec.json.Decoder(Completion)
+_completion_head_decoder = msgspec.json.Decoder(CompletionHead)
 _fields_decoder = msgspec.json.Decoder(dict[str, msgspec.Raw])
 _encoder = msgspec.json.Encoder()
 
@@ -224,8 +232,9 @@ def decode_chunk(data: bytes) -> Chunk:
     return _chunk_decoder.decode(data)
 
 
-def decode_completion(body: bytes) -> Completion:
-    return _completion_decoder.decode(body)
+def decode_completion(body: bytes, *, choices: bool = True) -> CompletionHead:
+    """A :class:`Completion`; without ``choices``, only its :class:`CompletionHead`."""
+    return (_completion_decoder if choices else _completion_head_decoder).decode(body)
 
 
 def rewrite_fields(body: bytes, changes: dict[str, Any]) -> bytes:

@@ -252,7 +252,8 @@ async def test_foreign_error_bodies_made_openai_shaped(
     assert info.value.status == 503 and info.value.headers == {"retry-after": "3"}
 
 
-async def test_unary_reply_observed(httpx_mock: HTTPXMock, backend: Backend) -> None:
+@pytest.mark.parametrize("keep_message", [True, False])
+async def test_unary_reply_observed(httpx_mock: HTTPXMock, backend: Backend, keep_message: bool) -> None:
     body = (
         b'{"id":"chatcmpl-9","object":"chat.completion","model":"m","choices":[{"index":0,"message":'
         b'{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":1,'
@@ -260,6 +261,7 @@ async def test_unary_reply_observed(httpx_mock: HTTPXMock, backend: Backend) -> 
     )
     httpx_mock.add_response(url=URL, content=body, headers={"content-type": "application/json"})
     reply = Reply()
+    reply.keep_message = keep_message
     response = await forward(
         route(backend),
         "/chat/completions",
@@ -270,7 +272,10 @@ async def test_unary_reply_observed(httpx_mock: HTTPXMock, backend: Backend) -> 
         reply=reply,
     )
     assert response.content == body  # type: ignore[union-attr]
-    assert reply.id == "chatcmpl-9" and reply.text() == "hi" and reply.done
+    assert reply.id == "chatcmpl-9" and reply.model == "m" and reply.done
+    assert reply.usage is not None and reply.usage.total_tokens == 2
+    # The message is read only when someone keeps it (history, body logs).
+    assert reply.text() == ("hi" if keep_message else "")
     assert backend.in_flight == 0
 
 
