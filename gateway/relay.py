@@ -464,7 +464,9 @@ class StreamRelay:
                 if _responses_event.decode(data).type in _RESPONSES_TERMINAL:
                     reply.done = True
                 return _FORWARD
-            chunk = decode_chunk(data)
+            # The choices only for whoever reads them: history and body logs, the guard, the usage
+            # chunk held back (it is the one without choices).
+            chunk = decode_chunk(data, choices=reply.keep_message or self._guard is not None or self._hide_usage)
         except msgspec.ValidationError:
             return _FORWARD  # JSON, but not in the shape we read: still the upstream's to say.
         except msgspec.DecodeError:

@@ -10,7 +10,7 @@ from typing import Any
 
 import msgspec
 
-from gateway.wire import Chunk, Completion, CompletionHead, Usage
+from gateway.wire import Chunk, ChunkHead, Completion, CompletionHead, Usage
 
 __all__ = ["Reply"]
 
@@ -89,12 +89,13 @@ class Reply:
         """Why the reply ended early, when it did (an OpenAI error code)."""
         self._choices: dict[int, _Choice] = {}
 
-    def observe_chunk(self, chunk: Chunk) -> None:
+    def observe_chunk(self, chunk: ChunkHead) -> None:
+        """A stream's event: its choices' deltas too when it is a whole :class:`Chunk`."""
         if self.id is None:
             self.id, self.model, self.created = chunk.id, chunk.model, chunk.created
         if chunk.usage is not None:
             self.usage = chunk.usage
-        if not chunk.choices:
+        if not isinstance(chunk, Chunk) or not chunk.choices:
             return
         for choice in chunk.choices:
             state = self._choices.get(choice.index)

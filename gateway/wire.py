@@ -19,6 +19,7 @@ __all__ = [
     "ChatRequest",
     "Chunk",
     "ChunkChoice",
+    "ChunkHead",
     "Completion",
     "CompletionHead",
     "Delta",
@@ -118,16 +119,22 @@ class ChunkChoice(Wire):
     finish_reason: str | None = None
 
 
-class Chunk(Wire):
-    """One ``chat.completion.chunk`` event, as the relay observes it. ``error`` is set when an upstream
-    reports a failure in-band (vLLM and OpenAI do, mid-stream)."""
+class ChunkHead(Wire):
+    """What the relay reads of a ``chat.completion.chunk`` when nothing wants its choices (no history,
+    no body logs, no repetition guard): decoding them too takes twice as long. ``error`` is set when
+    an upstream reports a failure in-band (vLLM and OpenAI do, mid-stream)."""
 
     id: str | None = None
     model: str | None = None
     created: int | None = None
-    choices: list[ChunkChoice] | None = None
     usage: Usage | None = None
     error: msgspec.Raw = msgspec.Raw()
+
+
+class Chunk(ChunkHead):
+    """One ``chat.completion.chunk`` event, as the relay observes it."""
+
+    choices: list[ChunkChoice] | None = None
 
 
 class Message(Wire):
@@ -212,6 +219,7 @@ class ErrorBody(msgspec.Struct):
 _chat_decoder = msgspec.json.Decoder(ChatRequest)
 _routed_decoder = msgspec.json.Decoder(RoutedRequest)
 _chunk_decoder = msgspec.json.Decoder(Chunk)
+_chunk_head_decoder = msgspec.json.Decoder(ChunkHead)
 _completion_decoder = msgspec.json.Decoder(Completion)
 _completion_head_decoder = msgspec.json.Decoder(CompletionHead)
 _fields_decoder = msgspec.json.Decoder(dict[str, msgspec.Raw])
@@ -228,8 +236,9 @@ def decode_routed(body: bytes) -> RoutedRequest:
     return _routed_decoder.decode(body)
 
 
-def decode_chunk(data: bytes) -> Chunk:
-    return _chunk_decoder.decode(data)
+def decode_chunk(data: bytes, *, choices: bool = True) -> ChunkHead:
+    """A :class:`Chunk`; without ``choices``, only its :class:`ChunkHead`."""
+    return (_chunk_decoder if choices else _chunk_head_decoder).decode(data)
 
 
 def decode_completion(body: bytes, *, choices: bool = True) -> CompletionHead:
