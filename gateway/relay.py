@@ -244,8 +244,7 @@ def _content_type(response: httpx.Response) -> str:
     return MediaType.JSON
 
 
-_USAGE = b'"usage":{'
-_USAGE_SPACED = b'"usage": {'
+_USAGE = b'"usage":'
 _ERROR = b'"error"'
 
 
@@ -450,12 +449,12 @@ class StreamRelay:
             and self._guard is None
             and reply.id is not None
             and not self._responses_api
-            and data.find(_USAGE) < 0
-            and data.find(_USAGE_SPACED) < 0
+            and ((at := data.find(_USAGE)) < 0 or data.find(b"{", at + 8, at + 10) < 0)
             and data.find(_ERROR) < 0
         ):
             # Nothing in this chunk is wanted: decoding every token's chunk would be most of the
-            # relay's CPU. The byte patterns cannot match inside a string value, where quotes are escaped.
+            # relay's CPU. The byte patterns cannot match inside a string value, where quotes are
+            # escaped. Usage counts when it is an object ("usage":{ or "usage": {), not null.
             # find() rather than ``in``: for bytes, ``in`` first tries its operand as an integer and
             # drops the TypeError, twice find()'s cost on a token's chunk (3.11).
             return _FORWARD

@@ -458,7 +458,8 @@ async def test_without_the_message_wanted_only_what_the_gateway_needs_is_read(
     usage = b'data: {"id":"chatcmpl-1","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2}}\n\n'
     spaced = b'data: {"id":"chatcmpl-1","choices": [], "usage": {"prompt_tokens":4,"completion_tokens":5}}\n\n'
     tricky = chunk('she wrote \\"usage\\":{ and \\"error\\"')  # inside a string: escaped, so not matched
-    upstream = [chunk("Hel"), chunk("lo"), tricky, usage, DONE]
+    null = b'data: {"id":"chatcmpl-1","choices":[],"usage":null}\n\n'
+    upstream = [chunk("Hel"), chunk("lo"), tricky, null, usage, DONE]
     httpx_mock.add_response(url=URL, stream=Chunks(*upstream))
     reply = Reply()
     reply.keep_message = False
