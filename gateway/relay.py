@@ -313,10 +313,11 @@ class StreamRelay:
         self.reply.backend = self._backend.name
         self._request_id = request_id
         first_token = self._timeouts.first_token
+        direct = direct_transport(self._backend)
         try:
             # The gateway's transport keeps the first-token deadline in its reads (until the first
             # body bytes): a Deadline's timer, set and cancelled, costs about 12,000 instructions.
-            with _NO_DEADLINE if direct_transport(self._backend) is not None else Deadline(first_token):
+            with _NO_DEADLINE if direct is not None else Deadline(first_token):
                 self._response = response = await open_response(
                     self._backend,
                     path,
@@ -325,6 +326,7 @@ class StreamRelay:
                     stream=True,
                     timeout=self._backend.stream_timeout,
                     total=first_token,
+                    direct=direct,
                 )
                 # The transport's own stream, unless the upstream compressed the bytes (it was not
                 # asked to): httpx's decoding and chunking layers cost microseconds a chunk for nothing.

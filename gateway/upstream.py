@@ -15,6 +15,7 @@ sets every header it sends.
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import httpx
 
@@ -28,6 +29,8 @@ __all__ = ["direct_transport", "open_response"]
 # Headers of an upstream error worth passing on: the SDK's backoff reads them.
 _PASSED_ON_ERROR = ("retry-after", "retry-after-ms", "x-ratelimit-reset-requests", "x-ratelimit-reset-tokens")
 
+_FIND: Any = object()
+
 
 async def open_response(
     backend: Backend,
@@ -38,17 +41,20 @@ async def open_response(
     stream: bool,
     timeout: httpx.Timeout,
     total: float | None = None,
+    direct: Transport | None = _FIND,
 ) -> httpx.Response:
     """The backend's response to ``body`` sent to ``path``: once its headers are in, for a stream;
     read whole, for the rest, within ``total`` seconds (else :class:`~gateway.errors.UpstreamTimeout`).
     For a stream, over a :func:`direct_transport`, ``total`` bounds the wait for its headers and first body
     bytes (:class:`~gateway.transport.FirstByteTimeout`, as the ``UpstreamTimeout``'s cause);
-    otherwise the caller keeps that deadline."""
+    otherwise the caller keeps that deadline. ``direct``: :func:`direct_transport`'s answer, from a
+    caller that needed it first."""
     client = backend.client
     accept = b"text/event-stream" if stream else b"application/json"
     rid = request_id.encode()
     with upstream_errors(backend.name):
-        if (transport := direct_transport(backend)) is not None:
+        transport = direct_transport(backend) if direct is _FIND else direct
+        if transport is not None:
             data = b"%saccept: %s\r\nx-request-id: %s\r\ncontent-length: %d\r\n\r\n%s" % (
                 backend.request_head(path),
                 accept,
