@@ -45,7 +45,7 @@ from gateway.responses import STREAM_HEADERS, EventStream, Headers, WholeReply
 from gateway.routing import Route, Target
 from gateway.settings import Settings
 from gateway.sse import DONE, EventSplitter, event_data, format_event
-from gateway.transport import FirstByteTimeout, raw_headers
+from gateway.transport import FirstByteTimeout, find_header, raw_headers
 from gateway.upstream import direct_transport, open_response
 from gateway.wire import ErrorDetail, decode_chunk, decode_completion, rewrite_fields
 
@@ -237,11 +237,8 @@ async def _unary(
 
 
 def _content_type(response: httpx.Response) -> str:
-    # From the raw list: httpx's headers.get() first works out the encoding of every header.
-    for name, value in raw_headers(response):
-        if name.lower() == b"content-type":
-            return value.decode("latin-1")
-    return MediaType.JSON
+    value = find_header(raw_headers(response), b"content-type")
+    return value.decode("latin-1") if value is not None else MediaType.JSON
 
 
 _USAGE = b'"usage":'
@@ -330,7 +327,7 @@ class StreamRelay:
                 )
                 # The transport's own stream, unless the upstream compressed the bytes (it was not
                 # asked to): httpx's decoding and chunking layers cost microseconds a chunk for nothing.
-                compressed = any(name.lower() == b"content-encoding" for name, _ in raw_headers(response))
+                compressed = find_header(raw_headers(response), b"content-encoding") is not None
                 self._chunks = response.aiter_bytes() if compressed else aiter(response.stream)
                 with upstream_errors(self._backend.name):
                     async for chunk in self._chunks:

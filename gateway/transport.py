@@ -25,7 +25,7 @@ from typing import Any
 import httptools
 import httpx
 
-__all__ = ["DEFAULT_LIMITS", "FirstByteTimeout", "Transport", "raw_headers"]
+__all__ = ["DEFAULT_LIMITS", "FirstByteTimeout", "Transport", "find_header", "raw_headers"]
 
 # Per connection, how much unread response body is buffered before reading from the upstream pauses
 # (the client reading the relay is slower than the upstream writing it).
@@ -331,6 +331,15 @@ def raw_headers(response: httpx.Response) -> list[tuple[bytes, bytes]]:
     return response.raw_headers if isinstance(response, _Response) else response.headers.raw
 
 
+def find_header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    """The first value of header ``name`` (lowercase) in a raw list. httpx's ``headers.get()`` works
+    out the encoding of every header first."""
+    for key, value in headers:
+        if key.lower() == name:
+            return value
+    return None
+
+
 class _Pool:
     """Idle connections per origin, newest first, and a bound on how many are open at once."""
 
@@ -549,7 +558,7 @@ class Transport(httpx.AsyncBaseTransport):
             content = connection.take() if connection.has_body() else b""
             pool.release(connection)
             headers = connection.headers
-            if any(name.lower() == b"content-encoding" for name, _ in headers):
+            if find_header(headers, b"content-encoding") is not None:
                 response = httpx.Response(connection.status, headers=headers, content=content, extensions=_EXTENSIONS)
             else:
                 response = _Response(connection.status, headers, _READ)

@@ -21,7 +21,7 @@ import pytest
 from gateway.backends import Backend
 from gateway.errors import UpstreamTimeout
 from gateway.settings import BackendSettings
-from gateway.transport import FirstByteTimeout, Transport, _Connection, _Pool, _Response, raw_headers
+from gateway.transport import FirstByteTimeout, Transport, _Connection, _Pool, _Response, find_header, raw_headers
 from gateway.upstream import open_response
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -666,3 +666,10 @@ async def test_a_connection_reused_after_a_large_unread_answer_reads_again() -> 
     assert connection.complete and connection.reusable() and not socket.reading
     connection.begin(b"GET /again HTTP/1.1\r\n\r\n")
     assert socket.reading and not connection.has_body()
+
+
+def test_find_header_reads_the_first_value_of_a_name_in_any_case() -> None:
+    raw = [(b"Content-Type", b"text/event-stream"), (b"X-A", b"1"), (b"x-a", b"2")]
+    assert find_header(raw, b"content-type") == b"text/event-stream"
+    assert find_header(raw, b"x-a") == b"1"
+    assert find_header(raw, b"content-encoding") is None
