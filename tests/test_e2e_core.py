@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import signal
 import time
 from collections.abc import Iterator
@@ -362,3 +363,41 @@ base_url = "{late.base_url}"
         assert reply.choices[0].message.content
     finally:
         late.stop()
+
+
+def test_without_history_the_reply_is_still_read_for_its_id_and_usage(
+    upstream_module: Upstream, start_gateway: Any
+) -> None:
+    """With nothing keeping the message (no history, no body logs), the gateway decodes only a reply's
+    id and usage: the SSE ids still carry the completion's id, and the tokens are still counted."""
+    gateway = start_gateway(f"""
+[history]
+store_all = false
+
+[[backends]]
+name = "fake"
+kind = "vllm"
+base_url = "{upstream_module.base_url}"
+""")
+    client = gateway.client(timeout=10)
+    completion = client.chat.completions.create(model="fake-model", messages=MESSAGES, max_tokens=3)
+    assert completion.choices[0].message.content == "tok0 tok1 tok2"
+    body = {
+        "model": "fake-model",
+        "messages": MESSAGES,
+        "max_tokens": 4,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json=body, timeout=10) as response:
+        events = [line for line in response.iter_lines() if line]
+    ids = [line[4:] for line in events if line.startswith("id: ")]
+    first = json.loads(next(line[6:] for line in events if line.startswith("data: {")))
+    assert ids and all(i.startswith(first["id"] + "/") for i in ids[1:])
+    metrics = httpx.get(f"{gateway.url}/metrics", timeout=5).text
+    completed = [
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("gateway_tokens_total{") and 'type="completion"' in line
+    ]
+    assert sum(completed) == 3 + 4  # the non-streamed answer's usage, then the stream's usage chunk
