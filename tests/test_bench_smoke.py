@@ -110,3 +110,19 @@ def test_report_marks_targets() -> None:
     assert rows["cpu_us_per_request"].ok is True
     table = render(list(rows.values()))
     assert "PASS" in table and "FAIL" in table and "targets: 3 of 4 figures pass" in table
+
+
+@pytest.mark.parametrize("reference", [None, "asgi", "litestar"])
+@pytest.mark.parametrize(("tokens", "lockstep"), [(0, False), (4, False), (4, True)])
+def test_instruction_counts_drive_the_app_they_name(
+    bench_upstream: str, reference: str | None, tokens: int, lockstep: bool
+) -> None:
+    # What valgrind runs for `python -m tests.bench.instructions`, without valgrind: the driver fails
+    # on any answer but a 200, so every configuration it counts must relay.
+    command = [sys.executable, "-m", "tests.bench.instructions", "--drive", bench_upstream, "--requests", "8"]
+    command += ["--stream", "--tokens", str(tokens)] if tokens else []
+    command += ["--lockstep"] if lockstep else []
+    command += ["--reference", reference] if reference else []
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr

@@ -1,7 +1,7 @@
 """Instructions per relayed request, counted by valgrind: a figure that does not move with the machine.
 
     .venv/bin/python -m tests.bench.instructions [--stream [--tokens N] [--lockstep]] [--realistic [--without PARTS]]
-        [--requests N]
+        [--reference KIND] [--requests N]
 
 CPU time on a shared machine moves by 10-20% between runs, more than most single changes to the hot
 path are worth. Instructions executed do not: valgrind's callgrind counts them (user space only, so
@@ -28,12 +28,17 @@ valgrind the gateway runs about 50 times slower, and how often events still arri
 the count by 3% between runs. Lock-step counts agree within 0.1%. They include that upstream's own
 work, an asyncio stream server's, the same for every version of the gateway: compare them with each
 other only. ``--requests`` then defaults to 32.
+
+``--reference asgi`` (or ``litestar-asgi``, ``litestar``) counts one of the minimal relays of
+``tests/bench/reference.py`` in the gateway's place, driven the same way: what forwarding the bytes
+costs before the gateway does any work of its own.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import gc
 import os
 import re
@@ -46,6 +51,7 @@ from typing import Any
 
 from tests.bench import config, procs
 from tests.bench.loadgen import BENCH_KEY
+from tests.bench.reference import RELAYS
 from tests.bench.upstream import STREAM_HEAD, stream_events
 from tests.conftest import RedisServer
 
@@ -104,28 +110,52 @@ async def _lockstep_upstream(tokens: int, relayed: asyncio.Event) -> tuple[async
                     await relayed.wait()
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
+        except asyncio.CancelledError:
+            pass  # the run ended with the connection open: a reference relay has no shutdown to close it
 
     server = await asyncio.start_server(serve, "127.0.0.1", 0)
     return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"
 
 
-async def _drive(
-    base_url: str, requests: int, tokens: int, lockstep: bool, redis_url: str | None, without: list[str]
-) -> None:
-    """``tokens``: per stream, or 0 for non-streamed requests."""
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """What one run under valgrind drives: ``tokens`` per stream, or 0 for non-streamed requests."""
+
+    tokens: int
+    lockstep: bool
+    redis_url: str | None
+    without: list[str]
+    reference: str | None
+
+    def arguments(self) -> list[str]:
+        """The command line of ``--drive`` that makes this run."""
+        arguments = ["--stream", "--tokens", str(self.tokens)] if self.tokens else []
+        arguments += ["--lockstep"] if self.lockstep else []
+        arguments += ["--redis", self.redis_url] if self.redis_url else []
+        arguments += ["--without", ",".join(self.without)] if self.without else []
+        return arguments + (["--reference", self.reference] if self.reference else [])
+
+
+def _app(base_url: str, run: _Run) -> Any:
+    if run.reference is not None:
+        return RELAYS[run.reference](base_url)
     from gateway.app import create_app
     from gateway.settings import load_file
 
+    with tempfile.TemporaryDirectory(prefix="bench-instructions-") as directory:
+        path = Path(directory) / "gateway.toml"
+        toml = config.realistic(base_url, run.redis_url, run.without) if run.redis_url else config.bare(base_url)
+        path.write_text(toml)
+        return create_app(load_file(path))
+
+
+async def _drive(base_url: str, requests: int, run: _Run) -> None:
+    tokens, lockstep, redis_url, reference = run.tokens, run.lockstep, run.redis_url, run.reference
     relayed = asyncio.Event()
     server = None
     if lockstep:
         server, base_url = await _lockstep_upstream(tokens, relayed)
-
-    with tempfile.TemporaryDirectory(prefix="bench-instructions-") as directory:
-        path = Path(directory) / "gateway.toml"
-        path.write_text(config.realistic(base_url, redis_url, without) if redis_url else config.bare(base_url))
-        settings = load_file(path)
-    app = create_app(settings)
+    app = _app(base_url, run)
     body = b'{"model":"bench-model","messages":[{"role":"user","content":"hello"}]%s%s}' % (
         b',"stream":true' if tokens else b"",
         b',"max_tokens":%d' % tokens if tokens and tokens != _TOKENS else b"",
@@ -163,30 +193,31 @@ async def _drive(
         for _ in range(count):
             await one()
 
+    # The reference relays run without a lifespan, as reference.py serves them.
     lifespan: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
     answers: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-    await lifespan.put({"type": "lifespan.startup"})
-    running = asyncio.ensure_future(app({"type": "lifespan", "state": {}}, lifespan.get, answers.put))  # type: ignore[arg-type]
-    started = await answers.get()
-    if started["type"] != "lifespan.startup.complete":
-        raise RuntimeError(f"the gateway did not start: {started}")
+    running = None
+    if reference is None:
+        await lifespan.put({"type": "lifespan.startup"})
+        running = asyncio.ensure_future(app({"type": "lifespan", "state": {}}, lifespan.get, answers.put))
+        started = await answers.get()
+        if started["type"] != "lifespan.startup.complete":
+            raise RuntimeError(f"the gateway did not start: {started}")
     await asyncio.gather(*(worker(_WARMUP_PER_WORKER) for _ in range(concurrency)))
     gc.collect()
     await asyncio.gather(*(worker(requests // concurrency) for _ in range(concurrency)))
-    await lifespan.put({"type": "lifespan.shutdown"})
-    await answers.get()
-    await running
+    if running is not None:
+        await lifespan.put({"type": "lifespan.shutdown"})
+        await answers.get()
+        await running
     if server is not None:
         server.close()
 
 
-def _count(base_url: str, requests: int, tokens: int, lockstep: bool, redis_url: str | None, without: list[str]) -> int:
+def _count(base_url: str, requests: int, run: _Run) -> int:
     command = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable]
     command += ["-m", "tests.bench.instructions", "--drive", base_url, "--requests", str(requests)]
-    command += ["--stream", "--tokens", str(tokens)] if tokens else []
-    command += ["--lockstep"] if lockstep else []
-    command += ["--redis", redis_url] if redis_url else []
-    command += ["--without", ",".join(without)] if without else []
+    command += run.arguments()
     # One hash seed for every run: dict and set layouts, and so their probing, then repeat.
     environment = {**os.environ, "PYTHONHASHSEED": "0"}
     done = subprocess.run(command, capture_output=True, text=True, check=False, env=environment)
@@ -208,6 +239,11 @@ def main() -> int:
     parser.add_argument(
         "--without", default="", help=f"with --realistic: parts left out, comma-separated ({', '.join(config.PARTS)})"
     )
+    parser.add_argument(
+        "--reference",
+        choices=tuple(RELAYS),
+        help="a minimal relay of tests/bench/reference.py in the gateway's place",
+    )
     parser.add_argument("--drive", metavar="BASE_URL", help=argparse.SUPPRESS)  # one run, under valgrind
     parser.add_argument("--redis", metavar="URL", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -218,12 +254,15 @@ def main() -> int:
         parser.error("--lockstep and --tokens are for streams: add --stream")
     if args.tokens < 1:
         parser.error("--tokens: at least 1")
+    if args.reference and args.realistic:
+        parser.error("--reference: a minimal relay has no realistic configuration")
     tokens = args.tokens if args.stream else 0
     if args.drive:
         import uvloop
 
         gc.set_threshold(10_000, 20, 50)  # as gateway serve does
-        uvloop.run(_drive(args.drive, args.requests, tokens, args.lockstep, args.redis, without))
+        run = _Run(tokens, args.lockstep, args.redis, without, args.reference)
+        uvloop.run(_drive(args.drive, args.requests, run))
         return 0
     if shutil.which("valgrind") is None:
         raise SystemExit("needs valgrind (Debian: apt-get install valgrind)")
@@ -240,8 +279,9 @@ def main() -> int:
             if gateway_cpus:
                 os.sched_setaffinity(0, gateway_cpus)
             redis_url = redis.url if redis is not None else None
-            low = _count(base_url, requests, tokens, args.lockstep, redis_url, without)
-            high = _count(base_url, 3 * requests, tokens, args.lockstep, redis_url, without)
+            run = _Run(tokens, args.lockstep, redis_url, without, args.reference)
+            low = _count(base_url, requests, run)
+            high = _count(base_url, 3 * requests, run)
         finally:
             upstream.stop()
             if redis is not None:
@@ -251,7 +291,8 @@ def main() -> int:
         kind = f"streamed ({tokens} token{'s' if tokens > 1 else ''}{', lock-step' if args.lockstep else ''})"
     kind += ", realistic" if args.realistic else ""
     kind += f" without {', '.join(without)}" if args.realistic and without else ""
-    print(f"{(high - low) / (2 * requests):,.0f} instructions a {kind} request")
+    relay = f"the {args.reference} reference relay" if args.reference else "the gateway"
+    print(f"{(high - low) / (2 * requests):,.0f} instructions a {kind} request through {relay}")
     return 0
 
 

@@ -31,7 +31,7 @@ from litestar.types import Receive, Scope, Send
 
 from gateway.transport import Transport
 
-__all__ = ["asgi_app", "litestar_app", "litestar_asgi_app"]
+__all__ = ["RELAYS", "asgi_app", "litestar_app", "litestar_asgi_app"]
 
 _TIMEOUTS = {"connect": 5.0, "read": 60.0, "pool": 5.0}
 
@@ -129,13 +129,16 @@ def asgi_app(upstream_url: str) -> Any:
     return app
 
 
+RELAYS = {"litestar": litestar_app, "litestar-asgi": litestar_asgi_app, "asgi": asgi_app}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("kind", choices=("litestar", "litestar-asgi", "asgi"))
+    parser.add_argument("kind", choices=tuple(RELAYS))
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream", required=True, help="the upstream's base URL, ending in /v1")
     args = parser.parse_args()
-    app = {"litestar": litestar_app, "litestar-asgi": litestar_asgi_app, "asgi": asgi_app}[args.kind](args.upstream)
+    app = RELAYS[args.kind](args.upstream)
     gc.set_threshold(10_000, 20, 50)  # as gateway serve does
     uvicorn.run(
         app,
