@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable
 from typing import Any
 
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
@@ -59,8 +60,13 @@ class Observer:
         finished = 0.0
         streaming = False
 
-        async def observed_send(message: Message) -> None:
+        # A plain function handing back the server's own awaitable: every note is taken before the
+        # message is sent, and a coroutine of its own would cost each streamed event about 2,000
+        # instructions more.
+        def observed_send(message: Message) -> Awaitable[None]:
             nonlocal status, finished, streaming
+            if message.get("more_body"):
+                return send(message)  # a stream's event: nothing to note
             if message["type"] == "http.response.start":
                 # Every response carries the request's id, errors and 404s included.
                 message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id(scope).encode())]
@@ -68,12 +74,12 @@ class Observer:
                 if status == 200 and scope["state"].get("stream"):
                     streaming = True
                     metrics.stream_opened()
-            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+            elif message["type"] == "http.response.body":
                 finished = time.perf_counter()
                 if streaming:
                     streaming = False
                     metrics.stream_closed()
-            await send(message)
+            return send(message)
 
         body: list[bytes] | None = None
         if self._log_bodies:

@@ -44,7 +44,7 @@ from gateway.reply import Reply
 from gateway.responses import STREAM_HEADERS, EventStream, Headers, WholeReply
 from gateway.routing import Route, Target
 from gateway.settings import Settings
-from gateway.sse import DONE, EventSplitter, event_data, format_event
+from gateway.sse import DONE, EventSplitter, event_data, format_event, lone_event
 from gateway.transport import FirstByteTimeout, find_header, raw_headers
 from gateway.upstream import direct_transport, open_response
 from gateway.wire import ErrorDetail, decode_chunk, decode_completion, rewrite_fields
@@ -243,6 +243,7 @@ def _content_type(response: httpx.Response) -> str:
 
 _USAGE = b'"usage":'
 _ERROR = b'"error"'
+_DONE_EVENT = b"data: " + DONE + b"\n\n"
 
 
 class StreamRelay:
@@ -419,6 +420,10 @@ class StreamRelay:
     def _take(self, chunk: bytes) -> list[bytes]:
         """The events ``chunk`` completes, observed and numbered, to forward; stops at a failure or at
         the end of the reply."""
+        if not self._splitter.pending and lone_event(chunk):
+            # A model's token, one event a read: observed without cutting its data out first.
+            verdict = self._observe(chunk, whole=True)
+            return [self.numbered(chunk)] if verdict is _FORWARD else []
         events = self._splitter.feed(chunk)
         if not events:
             return []
@@ -437,10 +442,12 @@ class StreamRelay:
                 break
         return forward
 
-    def _observe(self, data: bytes) -> object:
-        """Read one event's data into the reply, and say what becomes of the event."""
+    def _observe(self, data: bytes, *, whole: bool = False) -> object:
+        """Read one event's data into the reply, and say what becomes of the event. ``whole``: ``data``
+        is the whole event, one ``data: `` line (:func:`~gateway.sse.lone_event`); the byte patterns
+        below find the same in it."""
         reply = self.reply
-        if data == DONE:
+        if data == (_DONE_EVENT if whole else DONE):
             reply.done = True
             return _FORWARD
         if (
@@ -457,6 +464,8 @@ class StreamRelay:
             # find() rather than ``in``: for bytes, ``in`` first tries its operand as an integer and
             # drops the TypeError, twice find()'s cost on a token's chunk (3.11).
             return _FORWARD
+        if whole:
+            data = data[6:-2]
         try:
             if self._responses_api:
                 if _responses_event.decode(data).type in _RESPONSES_TERMINAL:

@@ -3,7 +3,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.sse import EventSplitter, event_data, format_event
+from gateway.sse import EventSplitter, event_data, format_event, lone_event
 
 
 def test_events_cut_at_blank_lines_and_tail_kept() -> None:
@@ -76,3 +76,28 @@ def test_a_read_of_one_event_is_that_event() -> None:
     assert splitter.feed(event) == [event]
     assert splitter.feed(b"\n\n") == []  # blank lines alone make no event
     assert splitter.feed(b"\ndata: 3\n\n") == [b"\ndata: 3\n\n"]
+
+
+def test_lone_event_is_one_single_line_data_event() -> None:
+    assert lone_event(b'data: {"a":1}\n\n')
+    assert lone_event(b"data: [DONE]\n\n")
+    assert not lone_event(b"data: 1\n\ndata: 2\n\n")  # two events
+    assert not lone_event(b"data: a\ndata: b\n\n")  # two data lines
+    assert not lone_event(b"data: a\rdata: b\n\n")  # a lone \r ends a line too
+    assert not lone_event(b"data: a\r\n\r\n")
+    assert not lone_event(b"data: a\n")  # not complete
+    assert not lone_event(b"data:a\n\n")  # read by event_data, but not this short path
+    assert not lone_event(b"event: x\ndata: y\n\n")
+    assert not lone_event(b": keep-alive\n\n")
+
+
+@given(
+    st.lists(st.sampled_from([b"data: ", b"data:", b"x", b":", b"\n", b"\r", b"\n\n", b"[DONE]"]), max_size=8),
+    st.booleans(),
+)
+def test_lone_event_splits_and_reads_as_the_splitter_does(parts: list[bytes], framed: bool) -> None:
+    # Framed as an event half the time, so that both answers come up often.
+    chunk = b"data: " + b"".join(parts) + b"\n\n" if framed else b"".join(parts)
+    if lone_event(chunk):
+        assert EventSplitter().feed(chunk) == [chunk]
+        assert event_data(chunk) == chunk[6:-2]
