@@ -61,8 +61,8 @@ class Observer:
         streaming = False
 
         # A plain function handing back the server's own awaitable: every note is taken before the
-        # message is sent, and a coroutine of its own would cost each streamed event about 2,000
-        # instructions more.
+        # message is sent, and a coroutine of its own would be entered and left for every streamed
+        # event.
         def observed_send(message: Message) -> Awaitable[None]:
             nonlocal status, finished, streaming
             if message.get("more_body"):
